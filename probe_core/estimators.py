@@ -1,0 +1,123 @@
+"""δH₁ = ∇H·Δθ from unit summaries: the cross-unit U-statistic, its terms and standard errors.
+
+∇H is estimated by −X̄ (E[X_u] = −∇H_u exactly, by the leave-one-out baseline). The product of
+two batch estimates X̄·(W⊙Ȳ) is biased by the same-unit terms, so the gradient term uses the
+U-statistic over unit pairs u≠w (Hoeffding 1948):
+    u_cross = [U/(U−1)] X̄·WȲ − [1/(U(U−1))] Σ_u X_u·WY_u.
+Everything below works on per-unit dot products, so it runs the same whether the unit vectors
+were kept on the host or recomputed in a second pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BilinearDots:
+    """Per-unit dots of a bilinear form X·(W⊙Y), float64 [U] each."""
+
+    diag: torch.Tensor      # X_u·WY_u
+    x_ybar: torch.Tensor    # X_u·WȲ
+    xbar_y: torch.Tensor    # X̄·WY_u
+
+    @classmethod
+    def of(cls, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> BilinearDots:
+        """From unit vectors x, y [U, P] and weights w [P] (float64)."""
+        wy = y * w                                                       # [U, P]
+        return cls((x * wy).sum(1), x @ (w * y.mean(0)), wy @ x.mean(0))
+
+
+@dataclass
+class UStat:
+    value: float
+    bars_dot: float
+    diag_sum: float
+    rows: torch.Tensor          # r_u [U]
+    leave_one_out: torch.Tensor | None   # U_(−u) [U], None when U < 3
+    se_plugin: float | None
+    zeta1_plugin: float | None
+    se_jackknife: float | None
+    zeta1_jackknife: float | None
+
+
+def jackknife_se(estimates: torch.Tensor) -> float:
+    """Delete-one jackknife SE: √((U−1)/U · Σ (θ_(−u) − θ_(·))²)."""
+    u = estimates.numel()
+    return math.sqrt((u - 1) / u * float(((estimates - estimates.mean()) ** 2).sum()))
+
+
+def u_statistic(dots: BilinearDots) -> UStat:
+    """The cross-unit U-statistic, plug-in and jackknife SEs (None where undefined)."""
+    u = dots.diag.numel()
+    if u < 2:
+        raise ValueError("the U-statistic needs at least 2 units")
+    bars_dot = float(dots.x_ybar.mean())
+    diag_sum = float(dots.diag.sum())
+    value = u / (u - 1) * bars_dot - diag_sum / (u * (u - 1))
+    rows = (u * dots.x_ybar + u * dots.xbar_y - 2 * dots.diag) / (2 * (u - 1))   # [U]
+    zeta1 = float(((rows - value) ** 2).sum()) / (u - 1)
+    se_plugin = math.sqrt(4 * zeta1 / u)
+    loo = se_jk = zeta1_jk = None
+    if u >= 3:
+        loo = (u * value - 2 * rows) / (u - 2)                            # [U]
+        se_jk = jackknife_se(loo)
+        zeta1_jk = u * se_jk ** 2 / 4
+    return UStat(value, bars_dot, diag_sum, rows, loo, se_plugin, zeta1, se_jk, zeta1_jk)
+
+
+@dataclass
+class DeltaH1:
+    total: float
+    se: float | None
+    gradient_term: float
+    momentum_term: float
+    weight_decay_term: float
+    u_plain: UStat          # with W = D (reported as u_statistic)
+
+
+def delta_h1(plain: BilinearDots, grad: BilinearDots, x_momentum: torch.Tensor,
+             x_decay: torch.Tensor, kappa: float) -> DeltaH1:
+    """δH₁ and its jackknife SE.
+
+    Args:
+        plain: dots with W = D; grad: dots with W = lr(1−β1)D (equal up to the scalar for one
+        param group); x_momentum: X_u·(lr β1 D⊙m) [U]; x_decay: X_u·(lr wd θ) [U]; kappa: κ.
+    """
+    u_plain, u_grad = u_statistic(plain), u_statistic(grad)
+    gradient_term = -kappa * u_grad.value
+    momentum_term = float(x_momentum.mean())
+    weight_decay_term = float(x_decay.mean())
+    total = gradient_term + momentum_term + weight_decay_term
+    se = None
+    u = x_momentum.numel()
+    if u_grad.leave_one_out is not None:
+        # the linear terms' delete-one means: (U·mean − x_u)/(U−1)
+        loo_lin = (u * (x_momentum + x_decay).mean() - (x_momentum + x_decay)) / (u - 1)
+        se = jackknife_se(-kappa * u_grad.leave_one_out + loo_lin)
+    return DeltaH1(total, se, gradient_term, momentum_term, weight_decay_term, u_plain)
+
+
+@dataclass
+class CovarianceProxy:
+    value: float
+    se: float | None
+
+
+def covariance_proxy(s: torch.Tensor, adv: torch.Tensor) -> CovarianceProxy:
+    """Cui et al. 2025 (arXiv 2505.22617), sequence level: mean over prompts of the within-group
+    covariance Cov_g(S, A). Under natural policy gradient on a tabular softmax policy with step
+    η, ΔH ≈ −η·Cov(log π, A). It assumes a tabular (independent per-state) softmax, an NPG /
+    plain-gradient step and no AdamW preconditioning, momentum or weight decay, and ignores
+    that LoRA couples prompts through shared parameters; δH₁ assumes none of these.
+
+    Args: s, adv: [B, G]. Returns the mean over prompts and its SE across prompts.
+    """
+    s, adv = s.double(), adv.double()
+    g = s.shape[1]
+    cov = ((s - s.mean(1, keepdim=True)) * (adv - adv.mean(1, keepdim=True))).sum(1) / (g - 1)
+    se = float(cov.std() / math.sqrt(cov.numel())) if cov.numel() > 1 else None
+    return CovarianceProxy(float(cov.mean()), se)

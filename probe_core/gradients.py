@@ -1,0 +1,151 @@
+"""Per-unit gradient summaries X_u = Σ c^X ∇S and Y_u = Σ c^Y ∇S from one forward with grad
+per chunk.
+
+Two ways to get both weighted sums from one graph:
+- `hooks` (fast): one backward of Σ_i S_i. Sequences in a chunk do not interact, so the
+  output-gradient that reaches a LoRA linear layer at sequence i's positions is ∂S_i/∂out_i.
+  Forward hooks keep each layer's input x [n, T, d_in]; tensor hooks receive the
+  output-gradient g [n, T, d_out] and add Σ_i c_i Σ_t g_it x_itᵀ for c = c^X and c^Y (the
+  per-sample-gradient trick of Opacus / book-keeping DP, Bu et al. 2022). Needs every trainable
+  parameter to be the weight of a bias-free nn.Linear that sees [n, T, d] inputs (LoRA A/B).
+- `two_backward`: autograd.grad of Σ c^X S and of Σ c^Y S with retain_graph. Works for any
+  trainable parameter; used when `hooks` does not apply, and as the reference in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from probe_core.teacher_forcing import TeacherForcer
+
+
+@dataclass
+class FlatParams:
+    """Trainable parameters laid end to end in named_parameters() order."""
+
+    params: list[torch.nn.Parameter]
+    offsets: list[int]
+    numel: int
+
+    @classmethod
+    def of(cls, params: list[torch.nn.Parameter]) -> FlatParams:
+        offsets, total = [], 0
+        for p in params:
+            offsets.append(total)
+            total += p.numel()
+        return cls(params, offsets, total)
+
+    def flatten(self, tensors) -> torch.Tensor:
+        """Concatenate per-parameter tensors (None → zeros) into one fp32 vector."""
+        return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for t, p in zip(tensors, self.params)])
+
+
+class _LinearGradCapture:
+    """Hooks that add c-weighted per-sequence weight gradients of bias-free Linear layers."""
+
+    def __init__(self, flat: FlatParams, model: torch.nn.Module):
+        where = {id(p): k for k, p in enumerate(flat.params)}
+        self.flat, self.layers, self.handles = flat, [], []
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and id(module.weight) in where:
+                self.layers.append((module, where[id(module.weight)]))
+        self.coef: torch.Tensor | None = None      # [2, n]
+        self.acc: torch.Tensor | None = None       # [2, P] device accumulator
+
+    @staticmethod
+    def applicable(flat: FlatParams, model: torch.nn.Module) -> bool:
+        covered = set()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and (
+                    m.bias is None or not m.bias.requires_grad):
+                covered.add(id(m.weight))
+        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") \
+            else None
+        head_params = {id(p) for p in lm_head.parameters()} if lm_head is not None else set()
+        return all(id(p) in covered and id(p) not in head_params for p in flat.params)
+
+    def __enter__(self):
+        for module, k in self.layers:
+            self.handles.append(module.register_forward_hook(self._forward_hook(k)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _forward_hook(self, k: int):
+        def hook(module, inputs, output):
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()                                        # [n, T, d_in]
+            output.register_hook(lambda g: self._add(k, x, g))
+        return hook
+
+    def _add(self, k: int, x: torch.Tensor, g: torch.Tensor) -> None:
+        n, d_in, d_out = x.shape[0], x.shape[-1], g.shape[-1]
+        weighted = g.float().unsqueeze(0) * self.coef[:, :, None, None]   # [2, n, T, d_out]
+        grad_w = weighted.reshape(2, -1, d_out).transpose(1, 2) @ \
+            x.float().reshape(-1, d_in)                                   # [2, d_out, d_in]
+        off = self.flat.offsets[k]
+        self.acc[:, off:off + d_out * d_in] += grad_w.reshape(2, -1)
+
+
+@dataclass
+class UnitGradients:
+    """X_u and Y_u of every unit (host fp32) or only their sums when over the host budget."""
+
+    x_units: torch.Tensor | None   # [U, P]
+    y_units: torch.Tensor | None   # [U, P]
+    x_sum: torch.Tensor            # [P] float64
+    y_sum: torch.Tensor            # [P] float64
+    forwards: int                  # sequences through a forward with grad
+    backwards: int                 # sequences through a backward (counted per backward)
+
+
+class GradientAccumulator:
+    """Runs phase 2: for each unit, for each chunk, one forward with grad and X/Y from it."""
+
+    def __init__(self, forcer: TeacherForcer, model: torch.nn.Module, flat: FlatParams,
+                 method: str = "auto"):
+        self.forcer, self.flat = forcer, flat
+        lm = forcer.decoder
+        if method == "auto":
+            method = "hooks" if _LinearGradCapture.applicable(flat, _causal(model)) \
+                else "two_backward"
+        self.method = method
+        self.capture = _LinearGradCapture(flat, lm) if method == "hooks" else None
+
+    def unit(self, chunks: list[torch.Tensor], coef_x: torch.Tensor, coef_y: torch.Tensor,
+             on_chunk=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """X_u, Y_u for one unit (device fp32 [P] each) and the number of backwards run.
+
+        Args: chunks: sequence indices; coef_x, coef_y: [N] host coefficients (float64)."""
+        dev = self.forcer.device
+        acc = torch.zeros(2, self.flat.numel, dtype=torch.float32, device=dev)   # [2, P]
+        backwards = 0
+        for rows in chunks:
+            coef = torch.stack([coef_x[rows], coef_y[rows]]).float().to(dev)   # [2, n]
+            if self.method == "hooks":
+                self.capture.coef, self.capture.acc = coef, acc
+                with self.capture:
+                    s = self.forcer.logprobs(rows, grad=True)                   # [n]
+                torch.autograd.grad(s.sum(), self.flat.params, allow_unused=True)
+                backwards += len(rows)
+            else:
+                s = self.forcer.logprobs(rows, grad=True)
+                for k in range(2):
+                    g = torch.autograd.grad((coef[k] * s).sum(), self.flat.params,
+                                            retain_graph=k == 0, allow_unused=True)
+                    acc[k] += self.flat.flatten(g)
+                backwards += 2 * len(rows)
+            if on_chunk:
+                on_chunk()
+        return acc[0], acc[1], backwards
+
+
+def _causal(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

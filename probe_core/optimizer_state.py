@@ -1,0 +1,100 @@
+"""Reading a saved torch.optim.AdamW state_dict and mapping it onto the trainable parameters."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+
+from probe_core.errors import (CheckpointInvalid, OptimizerStateMismatch, OptimizerStateMissing,
+                               UnsafeCheckpoint, UnsupportedOptimizer)
+
+
+@dataclass
+class ParamState:
+    """AdamW state and hyper-parameters of one trainable parameter (host, fp32)."""
+
+    name: str
+    exp_avg: torch.Tensor       # m, same shape as the parameter
+    exp_avg_sq: torch.Tensor    # v
+    step: float                 # t (steps taken so far)
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    group: int
+
+
+def load_state_dict(path: str) -> dict:
+    """torch.load with weights_only=True; arbitrary pickles are refused, never executed."""
+    if not os.path.isfile(path):
+        raise OptimizerStateMissing(
+            f"optimizer state {os.path.basename(path)!r} not found next to the adapter; pass "
+            "checkpoint.optimizer or save torch.optim.AdamW.state_dict() as <adapter>/optimizer.pt")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise UnsafeCheckpoint(
+                "the optimizer state contains pickled objects other than tensors and plain "
+                "containers; refusing to unpickle it (save optimizer.state_dict() itself)") from exc
+        raise CheckpointInvalid(f"optimizer state is not a readable torch file: {exc}") from exc
+    except Exception as exc:  # corrupt zip, truncated file, ...
+        raise CheckpointInvalid(f"optimizer state is not a readable torch file "
+                                f"({type(exc).__name__})") from exc
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise CheckpointInvalid("optimizer file is not an optimizer state_dict (needs 'state' "
+                                "and 'param_groups')")
+    return sd
+
+
+def _check_group(k: int, group: dict) -> None:
+    for key in ("lr", "betas", "eps", "weight_decay", "params"):
+        if key not in group:
+            raise UnsupportedOptimizer(f"param_groups[{k}] has no {key!r}: not an AdamW state")
+    if group.get("amsgrad"):
+        raise UnsupportedOptimizer("AMSGrad AdamW is not supported (amsgrad=True)")
+    if group.get("maximize"):
+        raise UnsupportedOptimizer("maximize=True is not supported")
+    if group.get("decoupled_weight_decay") is False and group["weight_decay"] != 0:
+        raise UnsupportedOptimizer("this is torch.optim.Adam with L2 weight decay, not AdamW")
+
+
+def map_state(sd: dict, named_params: list[tuple[str, torch.nn.Parameter]]) -> list[ParamState]:
+    """Pair the state's indices, in param-group order, with the trainable parameters in
+    named_parameters() order, checking count and shapes (the first bad parameter is named)."""
+    groups = sd["param_groups"]
+    order: list[tuple[int, int]] = []  # (state index, group)
+    for k, group in enumerate(groups):
+        _check_group(k, group)
+        order += [(int(i), k) for i in group["params"]]
+    if len(order) != len(named_params):
+        raise OptimizerStateMismatch(
+            f"optimizer state covers {len(order)} parameters but the model has "
+            f"{len(named_params)} trainable ones: it belongs to another adapter or model")
+    states = []
+    for (idx, k), (name, p) in zip(order, named_params):
+        g = groups[k]
+        st = sd["state"].get(idx, sd["state"].get(str(idx), {}))
+        if st:
+            m, v = st.get("exp_avg"), st.get("exp_avg_sq")
+            if m is None or v is None:
+                raise UnsupportedOptimizer(f"state of {name} has no exp_avg/exp_avg_sq")
+            if tuple(m.shape) != tuple(p.shape) or tuple(v.shape) != tuple(p.shape):
+                raise OptimizerStateMismatch(
+                    f"optimizer state for parameter {name} has shape {tuple(m.shape)} but the "
+                    f"parameter has shape {tuple(p.shape)}: the state belongs to another "
+                    "adapter (different rank or target modules)")
+            step = float(st.get("step", 0))
+            m, v = m.float(), v.float()
+        else:  # never stepped: AdamW would start from zeros
+            m = torch.zeros(p.shape, dtype=torch.float32)
+            v = torch.zeros(p.shape, dtype=torch.float32)
+            step = 0.0
+        states.append(ParamState(name, m, v, step, float(g["lr"]), float(g["betas"][0]),
+                                 float(g["betas"][1]), float(g["eps"]),
+                                 float(g["weight_decay"]), k))
+    return states

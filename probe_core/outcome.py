@@ -1,0 +1,76 @@
+"""What a probe returns, as plain dataclasses (service/mapping.py turns it into ProbeResult)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from probe_core.estimators import CovarianceProxy, DeltaH1
+from probe_core.importance import SnisEstimate
+from probe_core.memory import MemoryTracer
+
+
+@dataclass
+class RealizedOutcome:
+    h_before: float
+    h_before_se: float | None
+    normalization: str
+    ess_threshold: float
+    by_multiplier: list[tuple[float, SnisEstimate]]   # (s, estimate), in request order
+    noise_floor: float | None
+
+    @property
+    def main(self) -> tuple[float, SnisEstimate]:
+        """The real step (s = 1), or the first multiplier when 1 was not asked for."""
+        for s, est in self.by_multiplier:
+            if s == 1.0:
+                return s, est
+        return self.by_multiplier[0]
+
+
+@dataclass
+class BatchOutcome:
+    num_prompts: int
+    responses_per_prompt: int
+    mean_response_tokens: float
+    reward_mean: float
+    zero_advantage_prompts: int
+
+
+@dataclass
+class OptimizerOutcome:
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    step: int
+    grad_norm: float
+    clip_factor: float
+    param_groups: int
+
+
+@dataclass
+class Passes:
+    forward_no_grad: int = 0
+    forward_grad: int = 0
+    backward: int = 0
+    noise_check_forward: int = 0
+
+
+@dataclass
+class ProbeOutcome:
+    delta_h1: DeltaH1
+    mode: str
+    units: int
+    realized: RealizedOutcome | None
+    batch: BatchOutcome
+    proxy: CovarianceProxy
+    proxy_lr: float
+    optimizer: OptimizerOutcome
+    passes: Passes
+    timing: dict[str, float]      # phase name → seconds, plus "total"
+    memory: MemoryTracer
+    device: str
+    updated_adapter: str | None
+    grad_method: str
+    base_reused: bool
+    warnings: list[str] = field(default_factory=list)

@@ -1,0 +1,87 @@
+"""What a probe is asked to do, as plain dataclasses (the service maps ProbeRequest onto these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CheckpointSpec:
+    base_model: str | None
+    adapter: str | None
+    optimizer: str | None = None
+    allow_full_model: bool = False
+
+
+@dataclass
+class ClientRollout:
+    prompt: str
+    responses: list[str | list[int]]
+    rewards: list[float]
+
+
+@dataclass
+class GenerationSpec:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 16
+
+
+@dataclass
+class ObjectiveSpec:
+    advantage: str = "mean_centered"        # mean_centered | standardized
+    length_norm: str = "constant"           # constant | group_max | per_sequence
+    length_norm_constant: float | None = None
+
+
+@dataclass
+class EstimatorSpec:
+    mode: str = "exact"                     # exact | blocks
+    block_size: int = 4
+
+
+@dataclass
+class RealizedSpec:
+    enabled: bool = True
+    normalization: str = "global"           # global | per_prompt
+    psis: bool = True
+    ess_threshold: float = 0.5
+    lr_multipliers: list[float] = field(default_factory=lambda: [1.0])
+
+
+@dataclass
+class ProbeSpec:
+    checkpoint: CheckpointSpec
+    prompts: list[str] | None = None
+    answers: list[str] | None = None
+    prompt_format: str = "raw"              # raw | chat
+    rollouts: list[ClientRollout] | None = None
+    num_prompts: int | None = None
+    responses_per_prompt: int = 4
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    reward_kind: str = "exact_match"        # exact_match | math_answer | provided
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    estimator: EstimatorSpec = field(default_factory=EstimatorSpec)
+    lr_override: float | None = None
+    max_grad_norm: float | None = None
+    realized: RealizedSpec = field(default_factory=RealizedSpec)
+    microbatch_size: int = 2
+    trace_memory: bool = True
+    host_budget_bytes: int = 8 << 30
+    seed: int = 0
+    save_updated_adapter_to: str | None = None
+
+
+@dataclass
+class RuntimeOptions:
+    """Server-side settings that are not part of a request."""
+
+    device: str = "auto"                    # auto | cpu | cuda:N
+    checkpoint_roots: list[str] | None = None  # None: any path is allowed (library use)
+    trust_remote_code: bool = False
+    max_trainable_params: int = 50_000_000
+    autocast_dtype: str | None = "auto"      # auto: bf16 on CUDA when supported, else none
+    grad_method: str = "auto"                # auto | hooks | two_backward
+    fault_hook: str | None = None            # tests only: "oom:<phase>" raises an OOM there

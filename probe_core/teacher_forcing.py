@@ -1,0 +1,114 @@
+"""Sequence log-probabilities S = Σ_response log softmax(z/τ)[token], chunked so that logits
+never exist as a full fp32 [tokens, vocab] tensor: the LM head and cross-entropy run over token
+chunks, and with grad each chunk is recomputed in backward (activation checkpointing)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from probe_core.rollouts import Batch
+
+LOGIT_CHUNK_ELEMENTS = 1 << 24   # ≤ 64 MiB of fp32 logits per token chunk
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers CausalLM inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                    temperature: float, softcap: float | None) -> torch.Tensor:
+    """log softmax(head(hidden)/τ)[target] for [k, d] hidden states. Returns [k] fp32."""
+    logits = head(hidden).float()                                     # [k, V]
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return -F.cross_entropy(logits / temperature, targets, reduction="none")
+
+
+class TeacherForcer:
+    """Computes S for slices of a Batch on the device, with the generation's mask/positions."""
+
+    def __init__(self, model: torch.nn.Module, batch: Batch, temperature: float,
+                 device: torch.device, autocast_dtype: torch.dtype | None):
+        lm = causal_lm(model)
+        self.decoder = getattr(lm, lm.base_model_prefix)
+        self.head = lm.get_output_embeddings()
+        self.softcap = getattr(lm.config, "final_logit_softcapping", None)
+        self.batch, self.temperature, self.device = batch, temperature, device
+        self.autocast_dtype = autocast_dtype
+        self.vocab = self.head.weight.shape[0]
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def chunk_inputs(self, rows: torch.Tensor) -> dict:
+        """Device tensors for the rows, trimmed to the chunk's own prompt/response extent
+        (columns that are padding for every row in the chunk carry no information)."""
+        b = self.batch
+        resp = b.response_mask[rows]                                      # [n, L]
+        left = b.prompt_width - int(b.prompt_lengths[rows].max())
+        right = b.prompt_width + int(resp.sum(1).max())
+        ids = b.input_ids[rows, left:right]                               # [n, T]
+        attn = b.attention_mask[rows, left:right]
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        return dict(ids=ids.to(self.device), attn=attn.to(self.device), pos=pos.to(self.device),
+                    resp=resp[:, :right - b.prompt_width].to(self.device),
+                    prompt_width=b.prompt_width - left)
+
+    def logprobs(self, rows: torch.Tensor, *, grad: bool) -> torch.Tensor:
+        """S for the given sequence indices. Returns [n] fp32 on the device (with a graph to the
+        trainable parameters when grad=True)."""
+        x = self.chunk_inputs(rows)
+        p, resp = x["prompt_width"], x["resp"]
+        ctx = contextlib.nullcontext() if grad else torch.no_grad()
+        with ctx, self._autocast():
+            hidden = self.decoder(input_ids=x["ids"], attention_mask=x["attn"],
+                                  position_ids=x["pos"], use_cache=False).last_hidden_state
+            # position t predicts token t+1: hidden at P-1 … P+L-2 scores response tokens
+            h = hidden[:, p - 1:p - 1 + resp.shape[1]][resp]              # [M, d]
+            targets = x["ids"][:, p:p + resp.shape[1]][resp]              # [M]
+            owner = torch.nonzero(resp, as_tuple=True)[0]                 # [M]
+            token_lp = self._chunked_logprobs(h, targets, grad)          # [M]
+        s = torch.zeros(resp.shape[0], dtype=torch.float32, device=self.device)
+        return s.index_add(0, owner, token_lp)
+
+    def _chunked_logprobs(self, h: torch.Tensor, targets: torch.Tensor, grad: bool):
+        step = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab)
+        parts = []
+        for i in range(0, h.shape[0], step):
+            args = (self.head, h[i:i + step], targets[i:i + step], self.temperature,
+                    self.softcap)
+            if grad:
+                parts.append(checkpoint(_token_logprobs, *args, use_reentrant=False))
+            else:
+                parts.append(_token_logprobs(*args))
+        return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+
+
+def all_logprobs(forcer: TeacherForcer, chunks: list[torch.Tensor], on_chunk=None
+                 ) -> torch.Tensor:
+    """No-grad S for every sequence, chunk by chunk. Returns [N] fp32 on the host."""
+    out = torch.empty(forcer.batch.num_sequences, dtype=torch.float32)
+    for k, rows in enumerate(chunks):
+        out[rows] = forcer.logprobs(rows, grad=False).cpu()
+        if on_chunk:
+            on_chunk(k + 1, len(chunks))
+    return out
+
+
+def unit_chunks(num_prompts: int, group_size: int, prompts_per_unit: int, microbatch: int
+                ) -> list[list[torch.Tensor]]:
+    """Sequence indices per unit, split into chunks of ≤ microbatch sequences. A chunk never
+    spans two units, so every chunk's gradient belongs to exactly one unit."""
+    seqs_per_unit = prompts_per_unit * group_size
+    units = []
+    for start in range(0, num_prompts * group_size, seqs_per_unit):
+        idx = torch.arange(start, start + seqs_per_unit)
+        units.append(list(idx.split(microbatch)))
+    return units

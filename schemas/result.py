@@ -1,0 +1,138 @@
+"""ProbeResult: the JSON a finished probe returns. Undefined statistics are null, never NaN."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UStatistic(_Out):
+    value: float = Field(description="Cross-unit U-statistic of X_u·(D⊙Y_w), u≠w.")
+    bars_dot: float = Field(description="X̄·(D⊙Ȳ), the plug-in (biased) product.")
+    diag_sum: float = Field(description="Σ_u X_u·(D⊙Y_u), the same-unit terms removed.")
+    se_plugin: float | None = None
+    zeta1_plugin: float | None = None
+    se_jackknife: float | None = None
+    zeta1_jackknife: float | None = None
+
+
+class DeltaH1(_Out):
+    total: float
+    se: float | None = Field(description="Delete-one jackknife SE of total (null if units < 3).")
+    gradient_term: float
+    momentum_term: float
+    weight_decay_term: float
+    mode: str
+    units: int
+    u_statistic: UStatistic
+
+
+class RealizedRow(_Out):
+    lr_multiplier: float
+    delta_h: float
+    se: float | None
+    delta_h1: float = Field(description="lr_multiplier × delta_h1.total (first order is linear).")
+    ess_fraction: float
+    psis_k: float | None
+
+
+class Realized(_Out):
+    delta_h: float
+    se: float | None
+    h_before: float
+    h_before_se: float | None
+    h_after: float
+    ess: float
+    ess_fraction: float
+    psis_k: float | None
+    low_ess: bool
+    normalization: str
+    log_weight_noise_floor: float | None = Field(
+        None, description="max |S − S'| when S is recomputed with another chunking: log-weights "
+        "(and |ΔH| per unit of log-weight) below this are numerical noise.")
+    by_lr_multiplier: list[RealizedRow]
+
+
+class BatchSummary(_Out):
+    num_prompts: int
+    responses_per_prompt: int
+    mean_response_tokens: float
+    reward_mean: float
+    zero_advantage_prompts: int
+
+
+class Proxies(_Out):
+    cov_logp_advantage: float = Field(
+        description="Cui et al. 2025: mean over prompts of Cov_g(S, A) (sequence level).")
+    cov_logp_advantage_se: float | None
+    predicted_delta_h: float = Field(
+        description="−lr·cov_logp_advantage: the proxy's entropy-change prediction under "
+        "natural policy gradient with step lr (tabular softmax, no AdamW).")
+
+
+class OptimizerSummary(_Out):
+    lr: float
+    betas: list[float]
+    eps: float
+    weight_decay: float
+    step: int
+    grad_norm: float
+    clip_factor: float
+    param_groups: int = 1
+
+
+class Passes(_Out):
+    forward_no_grad: int
+    forward_grad: int
+    backward: int
+    noise_check_forward: int = 0
+
+
+class Timing(_Out):
+    load: float
+    rollouts: float
+    teacher_forcing: float
+    gradients: float
+    step: float
+    realized: float
+    total: float
+
+
+class TracePoint(_Out):
+    phase: str
+    t: float
+    device_allocated_bytes: int | None
+    device_peak_bytes: int | None
+    device_reserved_bytes: int | None
+    host_rss_bytes: int
+
+
+class Memory(_Out):
+    peak_device_bytes: int | None
+    peak_host_rss_bytes: int
+    trace: list[TracePoint]
+
+
+class Environment(_Out):
+    device: str
+    torch: str
+    transformers: str
+    peft: str
+    entropy_probe: str
+
+
+class ProbeResult(_Out):
+    delta_h1: DeltaH1
+    realized: Realized | None
+    batch: BatchSummary
+    proxies: Proxies
+    optimizer: OptimizerSummary
+    passes: Passes
+    timing: Timing
+    memory: Memory
+    environment: Environment
+    updated_adapter: str | None = None
+    warnings: list[str] = Field(default_factory=list)

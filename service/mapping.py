@@ -1,0 +1,110 @@
+"""The one place where wire names (schemas) meet probe_core's dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from importlib import metadata
+
+from probe_core import spec as core
+from probe_core.outcome import ProbeOutcome
+from schemas import ProbeRequest, ProbeResult
+from schemas import result as wire
+
+
+def to_spec(req: ProbeRequest, *, host_budget_bytes: int) -> core.ProbeSpec:
+    """ProbeRequest → ProbeSpec."""
+    rollouts = None
+    if req.rollouts is not None:
+        rollouts = [core.ClientRollout(r.prompt, list(r.responses), list(r.rewards))
+                    for r in req.rollouts]
+    return core.ProbeSpec(
+        checkpoint=core.CheckpointSpec(**req.checkpoint.model_dump()),
+        prompts=req.prompts, answers=req.answers, prompt_format=req.prompt_format,
+        rollouts=rollouts, num_prompts=req.num_prompts,
+        responses_per_prompt=req.group_size(),
+        generation=core.GenerationSpec(**req.generation.model_dump()),
+        reward_kind=req.reward.kind,
+        objective=core.ObjectiveSpec(**req.objective.model_dump()),
+        estimator=core.EstimatorSpec(**req.estimator.model_dump()),
+        lr_override=req.optimizer_overrides.lr,
+        max_grad_norm=req.optimizer_overrides.max_grad_norm,
+        realized=core.RealizedSpec(**req.realized.model_dump()),
+        microbatch_size=req.memory.teacher_force_microbatch_size,
+        trace_memory=req.memory.trace,
+        host_budget_bytes=(req.memory.host_budget_bytes if req.memory.host_budget_bytes
+                           is not None else host_budget_bytes),
+        seed=req.seed, save_updated_adapter_to=req.save_updated_adapter_to)
+
+
+def _finite(x: float | None) -> float | None:
+    """JSON has no NaN or inf: undefined numbers become null."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _num(x: float) -> float:
+    """A required number; a non-finite value is clamped so the JSON stays valid."""
+    if math.isfinite(x):
+        return x
+    return 0.0 if math.isnan(x) else math.copysign(1.7976931348623157e308, x)
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _realized(out: ProbeOutcome) -> wire.Realized | None:
+    r = out.realized
+    if r is None:
+        return None
+    total = out.delta_h1.total
+    rows = [wire.RealizedRow(lr_multiplier=s, delta_h=_num(e.delta_h), se=_finite(e.se),
+                             delta_h1=_num(s * total), ess_fraction=_num(e.ess_fraction),
+                             psis_k=_finite(e.psis_k)) for s, e in r.by_multiplier]
+    _, main = r.main
+    return wire.Realized(
+        delta_h=_num(main.delta_h), se=_finite(main.se), h_before=_num(r.h_before),
+        h_before_se=_finite(r.h_before_se), h_after=_num(main.h_after), ess=_num(main.ess),
+        ess_fraction=_num(main.ess_fraction), psis_k=_finite(main.psis_k),
+        low_ess=not main.ess_fraction >= r.ess_threshold, normalization=r.normalization,
+        log_weight_noise_floor=_finite(r.noise_floor), by_lr_multiplier=rows)
+
+
+def to_result(out: ProbeOutcome) -> ProbeResult:
+    """ProbeOutcome → ProbeResult (validated by pydantic on construction)."""
+    d, u = out.delta_h1, out.delta_h1.u_plain
+    mem = out.memory
+    return ProbeResult(
+        delta_h1=wire.DeltaH1(
+            total=_num(d.total), se=_finite(d.se), gradient_term=_num(d.gradient_term),
+            momentum_term=_num(d.momentum_term), weight_decay_term=_num(d.weight_decay_term),
+            mode=out.mode, units=out.units,
+            u_statistic=wire.UStatistic(
+                value=_num(u.value), bars_dot=_num(u.bars_dot), diag_sum=_num(u.diag_sum),
+                se_plugin=_finite(u.se_plugin), zeta1_plugin=_finite(u.zeta1_plugin),
+                se_jackknife=_finite(u.se_jackknife),
+                zeta1_jackknife=_finite(u.zeta1_jackknife))),
+        realized=_realized(out),
+        batch=wire.BatchSummary(**dataclasses.asdict(out.batch)),
+        proxies=wire.Proxies(cov_logp_advantage=_num(out.proxy.value),
+                             cov_logp_advantage_se=_finite(out.proxy.se),
+                             predicted_delta_h=_num(-out.proxy_lr * out.proxy.value)),
+        optimizer=wire.OptimizerSummary(
+            lr=out.optimizer.lr, betas=list(out.optimizer.betas), eps=out.optimizer.eps,
+            weight_decay=out.optimizer.weight_decay, step=out.optimizer.step,
+            grad_norm=_num(out.optimizer.grad_norm), clip_factor=_num(out.optimizer.clip_factor),
+            param_groups=out.optimizer.param_groups),
+        passes=wire.Passes(**dataclasses.asdict(out.passes)),
+        timing=wire.Timing(**out.timing),
+        memory=wire.Memory(peak_device_bytes=mem.peak_device_bytes,
+                           peak_host_rss_bytes=mem.peak_host_rss_bytes,
+                           trace=[wire.TracePoint(**dataclasses.asdict(t)) for t in mem.trace]),
+        environment=wire.Environment(device=out.device, torch=_version("torch"),
+                                     transformers=_version("transformers"),
+                                     peft=_version("peft"),
+                                     entropy_probe=_version("entropy-probe")),
+        updated_adapter=out.updated_adapter,
+        warnings=out.warnings)
