@@ -51,10 +51,15 @@ def build_tokenizer(cfg: TinyConfig):
     return tok
 
 
-def _toy_batch(tok, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    a = torch.randint(0, 5, (n,), generator=gen)
-    b = torch.randint(0, 5, (n,), generator=gen)
-    texts = [f"{x}+{y}={x + y}" for x, y in zip(a.tolist(), b.tolist())]
+def _toy_batch(tok, alphabet: str, n: int, gen: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy task over the alphabet ("abc" → "abcabc"), so any alphabet works."""
+    chars = list(dict.fromkeys(alphabet))
+    texts = []
+    for _ in range(n):
+        k = int(torch.randint(1, 4, (1,), generator=gen))
+        word = "".join(chars[int(i)] for i in torch.randint(0, len(chars), (k,), generator=gen))
+        texts.append(word + word)
     enc = [tok.encode(t) + [tok.eos_token_id] for t in texts]
     width = max(len(e) for e in enc)
     ids = torch.full((n, width), tok.pad_token_id)
@@ -91,7 +96,7 @@ def write_tiny_checkpoint(out_dir: str, cfg: TinyConfig | None = None) -> tuple[
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     for _ in range(cfg.train_steps):
-        ids, mask = _toy_batch(tok, 8, gen)
+        ids, mask = _toy_batch(tok, cfg.alphabet, 8, gen)
         labels = ids.masked_fill(mask == 0, -100)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()

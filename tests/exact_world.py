@@ -1,0 +1,74 @@
+"""Ground truth for tests: unbatched log-probs and exact enumeration of every response of a
+tiny vocabulary, computed with plain full-vocabulary log_softmax (independent of probe_core's
+chunked teacher forcing)."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def load_policy(base: str, adapter: str | None):
+    """A fresh fp32 policy (base + adapter), trainable adapter parameters, and the tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, tok, params
+
+
+def sequence_logprob(model, prompt: list[int], response: list[int], temperature: float = 1.0
+                     ) -> torch.Tensor:
+    """S = Σ log softmax(z/τ)[token] over the response, one unpadded sequence at a time."""
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()   # [L, V]
+    lp = torch.log_softmax(logits / temperature, dim=-1)
+    return lp.gather(1, torch.tensor(response)[:, None]).sum()
+
+
+def all_responses(vocab: int, eos: int, max_new: int) -> list[list[int]]:
+    """Every response: k non-EOS tokens then EOS (k < max_new), or max_new non-EOS tokens."""
+    others = [t for t in range(vocab) if t != eos]
+    out = []
+    for k in range(max_new):
+        out += [list(c) + [eos] for c in itertools.product(others, repeat=k)]
+    out += [list(c) for c in itertools.product(others, repeat=max_new)]
+    return out
+
+
+def response_logprobs(model, prompt: list[int], responses: list[list[int]],
+                      temperature: float = 1.0) -> torch.Tensor:
+    """S for many responses of one prompt, right-padded in one batch. Returns [R] float64."""
+    width = max(len(r) for r in responses)
+    ids = torch.zeros(len(responses), len(prompt) + width, dtype=torch.long)
+    mask = torch.zeros(len(responses), width, dtype=torch.bool)
+    for i, r in enumerate(responses):
+        ids[i, :len(prompt)] = torch.tensor(prompt)
+        ids[i, len(prompt):len(prompt) + len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = True
+    logits = model(input_ids=ids).logits[:, len(prompt) - 1:-1].double()    # [R, W, V]
+    lp = torch.log_softmax(logits / temperature, dim=-1)
+    tok_lp = lp.gather(2, ids[:, len(prompt):, None])[..., 0]               # [R, W]
+    return (tok_lp * mask).sum(1)
+
+
+def exact_entropy(model, prompts: list[list[int]], vocab: int, eos: int, max_new: int,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """H = (1/B) Σ_n −Σ_r π(r|p_n) log π(r|p_n), differentiable in the parameters."""
+    responses = all_responses(vocab, eos, max_new)
+    hs = []
+    for p in prompts:
+        s = response_logprobs(model, p, responses, temperature)
+        hs.append(-(s.exp() * s).sum())
+    return torch.stack(hs).mean()
+
+
+def flat_grad(value: torch.Tensor, params) -> torch.Tensor:
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                      for g, p in zip(grads, params)])
