@@ -29,6 +29,7 @@ class TinyConfig:
     lr: float = 1e-2
     weight_decay: float = 0.01
     seed: int = 0
+    init_std: float = 0.02          # larger: a peakier, less uniform random policy
 
 
 def build_tokenizer(cfg: TinyConfig):
@@ -83,7 +84,7 @@ def write_tiny_checkpoint(out_dir: str, cfg: TinyConfig | None = None) -> tuple[
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
         num_key_value_heads=cfg.heads, max_position_embeddings=512,
         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False)
+        tie_word_embeddings=False, initializer_range=cfg.init_std)
     AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
 

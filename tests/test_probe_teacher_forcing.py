@@ -24,7 +24,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def six(tmp_path_factory):
     """A 6-token world: <eos> (= pad) and a–e."""
-    cfg = TinyConfig(alphabet="abcde", pad_equals_eos=True, seed=3)
+    cfg = TinyConfig(alphabet="abcde", pad_equals_eos=True, seed=3, init_std=0.3)
     base, adapter = write_tiny_checkpoint(str(tmp_path_factory.mktemp("six")), cfg)
     model, tok, _ = load_policy(base, adapter)
     assert len(tok) == 6 and tok.pad_token_id == tok.eos_token_id
