@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from probe_core.errors import (AdapterBaseMismatch, CheckpointInvalid, CheckpointNotFound,
                                TokenizerError, TooManyTrainableParams)
-from probe_core.optimizer_state import ParamState, load_state_dict, map_state
+from probe_core.optimizer_state import ParamState, hf_trainer_layouts, load_state_dict, map_state
 from probe_core.paths import confine
 from probe_core.spec import CheckpointSpec, RuntimeOptions
 
@@ -159,7 +159,8 @@ def open_checkpoint(spec: CheckpointSpec, opts: RuntimeOptions, device: torch.de
                 "set checkpoint.allow_full_model=true if you really mean a full-model probe")
         opt_path = spec.optimizer or os.path.join(adapter_path or base_path, "optimizer.pt")
         opt_path = confine(opt_path, opts.checkpoint_roots, what="optimizer", must_exist=False)
-        states = map_state(load_state_dict(opt_path), params)
+        layouts = hf_trainer_layouts(model, [n for n, _ in params])
+        states = map_state(load_state_dict(opt_path), params, layouts)
         yield LoadedCheckpoint(model, tokenizer, params, states, base_path, adapter_path,
                                reused, time.perf_counter() - t0)
     finally:

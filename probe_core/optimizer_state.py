@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,40 @@ def _check_group(k: int, group: dict) -> None:
         raise UnsupportedOptimizer("this is torch.optim.Adam with L2 weight decay, not AdamW")
 
 
-def map_state(sd: dict, named_params: list[tuple[str, torch.nn.Parameter]]) -> list[ParamState]:
+# Trainer.get_decay_parameter_names: transformers >= 4.50 keeps biases and norms (by name or
+# nn.LayerNorm type) out of weight decay; older releases only biases and nn.LayerNorm.
+_NO_DECAY_NAMES = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+_NO_DECAY_NAMES_LEGACY = re.compile(r"bias")
+
+
+def hf_trainer_layouts(model: torch.nn.Module, names: list[str]
+                       ) -> list[tuple[int, list[int]]]:
+    """Candidate orders in which an HF Trainer lists these trainable parameters (by name, in
+    named_parameters() order): its group 0 holds the decayed ones, group 1 the rest, each in
+    named_parameters() order. Where the two kinds interleave (say modules_to_save on norm
+    layers), the concatenated group order is NOT named_parameters() order. Each layout is
+    (size of group 0, for each position in group order the index into `names`)."""
+    in_layernorm = {f"{m}.{n}" if m else n for m, mod in model.named_modules()
+                    if isinstance(mod, torch.nn.LayerNorm)
+                    for n, _ in mod.named_parameters()}
+    layouts = []
+    for rule in (_NO_DECAY_NAMES, _NO_DECAY_NAMES_LEGACY):
+        no_decay = [n in in_layernorm or bool(rule.search(n.lower())) for n in names]
+        decay = [i for i, nd in enumerate(no_decay) if not nd]
+        layout = (len(decay), decay + [i for i, nd in enumerate(no_decay) if nd])
+        if layout not in layouts:
+            layouts.append(layout)
+    return layouts
+
+
+def map_state(sd: dict, named_params: list[tuple[str, torch.nn.Parameter]],
+              trainer_layouts: list[tuple[int, list[int]]] = ()) -> list[ParamState]:
     """Pair the state's indices, in param-group order, with the trainable parameters in
-    named_parameters() order, checking count and shapes (the first bad parameter is named)."""
+    named_parameters() order, checking count and shapes (the first bad parameter is named).
+
+    A state laid out as the HF Trainer does it (two groups, the second without weight decay)
+    is first tried against `trainer_layouts` (see hf_trainer_layouts) whose group-0 size fits;
+    the first whose shapes all match is used."""
     groups = sd["param_groups"]
     order: list[tuple[int, int]] = []  # (state index, group)
     for k, group in enumerate(groups):
@@ -75,8 +107,25 @@ def map_state(sd: dict, named_params: list[tuple[str, torch.nn.Parameter]]) -> l
         raise OptimizerStateMismatch(
             f"optimizer state covers {len(order)} parameters but the model has "
             f"{len(named_params)} trainable ones: it belongs to another adapter or model")
-    states = []
-    for (idx, k), (name, p) in zip(order, named_params):
+    if len(groups) == 2 and float(groups[1]["weight_decay"]) == 0.0:
+        for n_decay, layout in trainer_layouts:
+            if n_decay != len(groups[0]["params"]) or layout == sorted(layout):
+                continue  # another split, or the same as named_parameters() order
+            try:
+                return _map(sd, order, named_params, layout)
+            except OptimizerStateMismatch:
+                continue
+    return _map(sd, order, named_params, list(range(len(order))))
+
+
+def _map(sd: dict, order: list[tuple[int, int]],
+         named_params: list[tuple[str, torch.nn.Parameter]], layout: list[int]
+         ) -> list[ParamState]:
+    """`layout[j]` is the index in named_params of the j-th parameter in group order."""
+    groups = sd["param_groups"]
+    states: list[ParamState | None] = [None] * len(named_params)
+    for (idx, k), j in zip(order, layout):
+        name, p = named_params[j]
         g = groups[k]
         st = sd["state"].get(idx, sd["state"].get(str(idx), {}))
         if st:
@@ -94,7 +143,7 @@ def map_state(sd: dict, named_params: list[tuple[str, torch.nn.Parameter]]) -> l
             m = torch.zeros(p.shape, dtype=torch.float32)
             v = torch.zeros(p.shape, dtype=torch.float32)
             step = 0.0
-        states.append(ParamState(name, m, v, step, float(g["lr"]), float(g["betas"][0]),
-                                 float(g["betas"][1]), float(g["eps"]),
-                                 float(g["weight_decay"]), k))
+        states[j] = ParamState(name, m, v, step, float(g["lr"]), float(g["betas"][0]),
+                               float(g["betas"][1]), float(g["eps"]),
+                               float(g["weight_decay"]), k)
     return states
