@@ -1,0 +1,50 @@
+"""Liveness, readiness (the device worker) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
+
+from service.auth import require_token
+
+router = APIRouter(tags=["health"])
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class Ready(BaseModel):
+    device: str
+    worker_pid: int
+
+
+class NotReady(BaseModel):
+    detail: str
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """The HTTP process is alive (no token needed)."""
+    return Health()
+
+
+@router.get("/readyz", response_model=Ready, responses={503: {"model": NotReady}},
+            dependencies=[Depends(require_token)])
+def readyz(request: Request):
+    """200 with the device and worker pid when the device worker is up, else 503."""
+    ready = request.app.state.supervisor.ready()
+    if ready is None:
+        return JSONResponse(NotReady(detail="the device worker is starting").model_dump(),
+                            status_code=503, headers={"Retry-After": "1"})
+    return Ready(device=ready.device, worker_pid=ready.pid)
+
+
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_token)])
+def metrics(request: Request) -> PlainTextResponse:
+    """Prometheus text format."""
+    state = request.app.state
+    text = state.metrics.render(state.store.counts(), state.store.queue_length(),
+                                state.supervisor.ready() is not None)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

@@ -1,0 +1,118 @@
+"""/probes: submit, poll, list, cancel and forget probe jobs."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+
+from probe_core.errors import ProbeError
+from probe_core.paths import confine
+from schemas import JobList, JobStatus, ProbeJob, ProbeRequest
+from service.auth import get_settings, require_token
+from service.settings import Settings
+from service.store import Conflict, IdempotencyConflict, JobStore, NotFound, QueueFull
+
+router = APIRouter(prefix="/probes", tags=["probes"], dependencies=[Depends(require_token)])
+
+RETRY_AFTER_QUEUED_S = "2"
+RETRY_AFTER_RUNNING_S = "1"
+RETRY_AFTER_FULL_S = "10"
+_ERR = {"description": "Error", "content": {"application/json": {"example": {"detail": "..."}}}}
+
+
+def get_store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def _check_paths(req: ProbeRequest, roots: list[str]) -> None:
+    """422 naming the field for a checkpoint path outside the roots or missing."""
+    ck = req.checkpoint
+    fields = [(("checkpoint", "base_model"), ck.base_model, True),
+              (("checkpoint", "adapter"), ck.adapter, True),
+              (("checkpoint", "optimizer"), ck.optimizer, True),
+              (("save_updated_adapter_to",), req.save_updated_adapter_to, False)]
+    errors = []
+    for loc, path, must_exist in fields:
+        if path is None:
+            continue
+        try:
+            confine(path, roots, what=loc[-1], must_exist=must_exist)
+        except ProbeError as exc:
+            errors.append({"type": exc.code, "loc": ["body", *loc], "msg": exc.message,
+                           "input": path})
+    if errors:
+        raise HTTPException(422, detail=errors)
+
+
+def _not_found(job_id: str) -> HTTPException:
+    return HTTPException(404, f"no job with id {job_id!r}")
+
+
+@router.post("", status_code=202, response_model=ProbeJob,
+             responses={409: _ERR, 422: _ERR, 429: _ERR, 413: _ERR})
+def submit(req: ProbeRequest, response: Response, store: JobStore = Depends(get_store),
+           settings: Settings = Depends(get_settings),
+           idempotency_key: str | None = Header(None, max_length=255)) -> ProbeJob:
+    """Queue a probe job. A repeat with the same Idempotency-Key returns the first job."""
+    _check_paths(req, settings.roots)
+    try:
+        job, _ = store.create(req, idempotency_key, settings.max_queue)
+    except IdempotencyConflict as exc:
+        raise HTTPException(409, str(exc)) from None
+    except QueueFull as exc:
+        raise HTTPException(429, f"{exc}: retry later",
+                            headers={"Retry-After": RETRY_AFTER_FULL_S}) from None
+    response.headers["Location"] = f"/probes/{job.id}"
+    return job
+
+
+@router.get("", response_model=JobList, responses={404: _ERR})
+def list_jobs(status: JobStatus | None = None, limit: int = Query(20, ge=1, le=100),
+              after: str | None = Query(None, description="Id of the last job of the previous "
+                                        "page."),
+              store: JobStore = Depends(get_store)) -> JobList:
+    """Jobs, newest first."""
+    try:
+        data, has_more = store.list(status, limit, after)
+    except NotFound:
+        raise _not_found(after) from None
+    return JobList(data=data, has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=ProbeJob, responses={404: _ERR})
+def get_job(job_id: str, response: Response, store: JobStore = Depends(get_store)) -> ProbeJob:
+    """The job; `Retry-After` says when to poll again while it is unfinished."""
+    try:
+        job = store.get(job_id)
+    except NotFound:
+        raise _not_found(job_id) from None
+    if not job.status.finished:
+        response.headers["Retry-After"] = (RETRY_AFTER_QUEUED_S if job.status == JobStatus.queued
+                                           else RETRY_AFTER_RUNNING_S)
+    return job
+
+
+@router.post("/{job_id}/cancel", response_model=ProbeJob, responses={404: _ERR, 409: _ERR})
+def cancel(job_id: str, request: Request, store: JobStore = Depends(get_store)) -> ProbeJob:
+    """Queued → cancelled now; running → cancelling, then cancelled at the next chunk."""
+    try:
+        job = store.request_cancel(job_id)
+    except NotFound:
+        raise _not_found(job_id) from None
+    except Conflict as exc:
+        raise HTTPException(409, str(exc)) from None
+    if job.status == JobStatus.cancelling:
+        request.app.state.supervisor.cancel(job_id)
+    return job
+
+
+@router.delete("/{job_id}", status_code=204, response_class=Response,
+               responses={404: _ERR, 409: _ERR})
+def delete(job_id: str, store: JobStore = Depends(get_store)) -> Response:
+    """Forget a finished job and its result."""
+    try:
+        store.delete(job_id)
+    except NotFound:
+        raise _not_found(job_id) from None
+    except Conflict as exc:
+        raise HTTPException(409, str(exc)) from None
+    return Response(status_code=204)

@@ -1,0 +1,159 @@
+"""The device worker: a separate process that owns the device and a ModelCache, and runs one
+job at a time. It never dies on a job's failure: a ProbeError (OOM included) or an unexpected
+exception is reported and the worker takes the next job.
+
+Protocol (picklable dataclasses over multiprocessing queues):
+  server → worker   Job | None (stop)
+  worker → server   Ready, JobProgress, JobDone, JobFailed
+Cancel: the server writes the running job's id into a shared byte array; the worker polls it at
+every chunk boundary (ProbeHooks.should_cancel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+FAULT_SEED = 424242          # tests only: the fault hook fires for jobs with this seed
+PROGRESS_INTERVAL_S = 0.1
+CANCEL_ID_BYTES = 64
+
+log = logging.getLogger("entropy_probe.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    device: str
+    checkpoint_roots: tuple[str, ...]
+    trust_remote_code: bool
+    host_budget_bytes: int
+    fault_hook: str | None = None
+
+
+@dataclass
+class Job:
+    id: str
+    request_json: str
+
+
+@dataclass
+class Ready:
+    pid: int
+    device: str
+
+
+@dataclass
+class JobProgress:
+    job_id: str
+    phase: str
+    done: int
+    total: int
+
+
+@dataclass
+class JobDone:
+    job_id: str
+    result_json: str
+    base_reused: bool
+
+
+@dataclass
+class JobFailed:
+    job_id: str
+    code: str
+    message: str
+    phase: str | None
+    memory_trace: list[dict] | None = None
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\"]+")
+
+
+def scrub(message: str) -> str:
+    """First line of an unexpected error, host paths removed, bounded."""
+    first = (message.strip().splitlines() or [""])[0]
+    return _PATH.sub("<path>", first)[:200]
+
+
+def main(cfg: WorkerConfig, jobs, events, cancel_id) -> None:
+    """Entry point of the worker process (multiprocessing 'spawn')."""
+    import warnings
+
+    import torch
+    import transformers
+
+    from probe_core.checkpoint import ModelCache
+    from probe_core.probe import resolve_device
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)   # library deprecations, per job
+    parent = os.getppid()
+    cache = ModelCache()
+    events.put(Ready(os.getpid(), str(resolve_device(cfg.device))))
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        events.put(_run(job, cfg, cache, events, cancel_id, parent))
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _trim_heap()
+
+
+def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int):
+    from probe_core.errors import ProbeError, ProbeOutOfMemory
+    from probe_core.probe import ProbeHooks, run_probe
+    from probe_core.spec import RuntimeOptions
+    from schemas import ProbeRequest
+    from service.mapping import to_result
+
+    last = {"phase": "load", "t": 0.0}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if phase != last["phase"] or done == total or now - last["t"] >= PROGRESS_INTERVAL_S:
+            events.put(JobProgress(job.id, phase, done, total))
+            last["t"] = now
+        last["phase"] = phase
+
+    def should_cancel() -> bool:
+        if os.getppid() != parent:          # the server died: stop, nobody wants the result
+            raise SystemExit(0)
+        return cancel_id.value == job.id.encode()
+
+    try:
+        req = ProbeRequest.model_validate_json(job.request_json)
+        opts = RuntimeOptions(
+            device=cfg.device, checkpoint_roots=list(cfg.checkpoint_roots),
+            trust_remote_code=cfg.trust_remote_code,
+            fault_hook=cfg.fault_hook if req.seed == FAULT_SEED else None)
+        from service.mapping import to_spec
+        spec = to_spec(req, host_budget_bytes=cfg.host_budget_bytes)
+        outcome = run_probe(spec, opts, cache, ProbeHooks(progress, should_cancel))
+        return JobDone(job.id, to_result(outcome).model_dump_json(), outcome.base_reused)
+    except ProbeOutOfMemory as exc:
+        trace = [dataclasses.asdict(t) for t in exc.trace]
+        return JobFailed(job.id, exc.code, exc.message, exc.phase, trace)
+    except ProbeError as exc:
+        return JobFailed(job.id, exc.code, exc.message, exc.phase)
+    except Exception as exc:   # noqa: BLE001 - the worker must survive anything a job does
+        log.exception("job %s failed unexpectedly", job.id)
+        return JobFailed(job.id, "internal_error",
+                         f"unexpected {type(exc).__name__}: {scrub(str(exc))}",
+                         getattr(exc, "phase", None) or last["phase"])
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS so RSS stays flat across jobs (glibc only)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
