@@ -1,0 +1,196 @@
+"""EntropyProbeCallback: probe every checkpoint a TRL / HF Trainer saves, without blocking it.
+
+On each save the callback sends `<output_dir>/checkpoint-<step>` (a valid `checkpoint.adapter`
+as it is) to a running entropy-probe service from a background thread. Finished results are
+added to the trainer's logs as `entropy_probe/*` at the next log call, so they land in
+`trainer.state.log_history` and in every tracker that logs after this callback; `attach(trainer)`
+puts the callback first, so trackers from `report_to` see the values too. A probe that cannot be
+submitted or fails is logged with `logging.warning` and skipped: training never stops for it.
+
+    probe = EntropyProbeCallback("http://gpu-host:8000", {"prompts": P, "answers": A})
+    trainer = GRPOTrainer(..., callbacks=[probe])     # or: probe.attach(trainer)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Union
+
+from transformers import TrainerCallback
+
+from schemas import ProbeRequest, ProbeResult
+
+log = logging.getLogger(__name__)
+
+RequestBody = Union[ProbeRequest, dict]
+# A fixed request body (without `checkpoint`), or a function of the saved step that builds one,
+# e.g. from the training loop's own rollouts: {"rollouts": [...], "reward": {"kind": "provided"}}.
+RequestSource = Union[RequestBody, Callable[[int], RequestBody]]
+
+PREFIX = "entropy_probe/"
+
+
+@dataclass
+class _Done:
+    step: int                       # global step of the probed checkpoint
+    result: ProbeResult
+
+    def metrics(self) -> dict[str, float]:
+        r = self.result
+        out = {f"{PREFIX}checkpoint_step": float(self.step),
+               f"{PREFIX}delta_h1": r.delta_h1.total}
+        if r.delta_h1.se is not None:
+            out[f"{PREFIX}delta_h1_se"] = r.delta_h1.se
+        if r.realized is not None:
+            out[f"{PREFIX}delta_h"] = r.realized.delta_h
+            if r.realized.se is not None:
+                out[f"{PREFIX}delta_h_se"] = r.realized.se
+            out[f"{PREFIX}ess_fraction"] = r.realized.ess_fraction
+        return out
+
+
+class EntropyProbeCallback(TrainerCallback):
+    """Args:
+        base_url: the entropy-probe service, e.g. "http://gpu-host:8000".
+        request: the probe request without `checkpoint` (prompts/answers, responses_per_prompt,
+            generation, ...), or a callable step -> request called on the trainer's thread at
+            each save.
+        base_model: the base model directory as the service sees it. Default: the adapter
+            config's base_model_name_or_path (the path the trainer loaded, when it is local).
+        token: bearer token when the service has ENTROPY_PROBE_API_TOKEN set.
+        every_n_saves: probe one save in n.
+        map_path: turns a local checkpoint path into the path the service sees (when the
+            service mounts the run directory elsewhere, e.g. under /checkpoints).
+        probe_timeout: seconds to wait for one probe before giving up on it.
+        wait_at_end: in on_train_end, wait up to end_timeout seconds for outstanding probes and
+            log their results (as one more log entry per result).
+    """
+
+    def __init__(self, base_url: str, request: RequestSource, *, base_model: str | None = None,
+                 token: str | None = None, every_n_saves: int = 1,
+                 map_path: Callable[[str], str] | None = None, probe_timeout: float = 3600.0,
+                 wait_at_end: bool = False, end_timeout: float = 600.0, poll: float = 0.5):
+        if not callable(request):
+            _body(request, "checkpoint-0", base_model)   # a bad template fails here, not later
+        self.base_url, self.request, self.base_model, self.token = (base_url, request,
+                                                                     base_model, token)
+        self.every_n_saves = max(1, every_n_saves)
+        self.map_path = map_path or (lambda p: p)
+        self.probe_timeout, self.poll = probe_timeout, poll
+        self.wait_at_end, self.end_timeout = wait_at_end, end_timeout
+        self._run_id = uuid.uuid4().hex[:12]
+        self._saves = 0
+        self._todo: queue.Queue[tuple[int, dict] | None] = queue.Queue()
+        self._done: queue.Queue[_Done] = queue.Queue()
+        self._outstanding = 0                 # submitted to the thread, not yet finished
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._trainer = None
+
+    # -- wiring --------------------------------------------------------------------------------
+    def attach(self, trainer) -> EntropyProbeCallback:
+        """Register as the trainer's first callback: trackers (report_to) log in their own
+        on_log, after the callbacks before them, so this one must come first for them to see
+        the entropy_probe/* values. Also lets on_train_end log late results through
+        trainer.log."""
+        trainer.callback_handler.callbacks[:] = [
+            c for c in trainer.callback_handler.callbacks if c is not self]
+        trainer.callback_handler.callbacks.insert(0, self)
+        self._trainer = trainer
+        return self
+
+    # -- trainer events ------------------------------------------------------------------------
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self._saves += 1
+        if (self._saves - 1) % self.every_n_saves:
+            return
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(ckpt):
+            log.warning("entropy-probe: %s was not written; probe skipped", ckpt)
+            return
+        try:
+            template = self.request(state.global_step) if callable(self.request) else self.request
+            body = _body(template, self.map_path(os.path.abspath(ckpt)), self.base_model)
+        except Exception as exc:  # a user callable or template error must not stop training
+            log.warning("entropy-probe: could not build the request for step %d: %s",
+                        state.global_step, exc)
+            return
+        with self._lock:
+            self._outstanding += 1
+        self._ensure_thread()
+        self._todo.put((state.global_step, body))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # One result per log call, so a tracker sees each as its own point.
+        if logs is None or self._done.empty():
+            return
+        values = self._done.get_nowait().metrics()
+        logs.update(values)
+        # Trainer.log appended a copy of `logs` to log_history before calling on_log.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.wait_at_end:
+            deadline = time.monotonic() + self.end_timeout
+            while self.outstanding and time.monotonic() < deadline:
+                time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())))
+            if self.outstanding:
+                log.warning("entropy-probe: %d probe(s) still running after %.0f s; not "
+                            "waiting for them", self.outstanding, self.end_timeout)
+        while not self._done.empty():
+            values = self._done.get_nowait().metrics()
+            if self._trainer is not None:
+                self._trainer.log(values)        # through every tracker's on_log
+            else:
+                state.log_history.append({**values, "step": state.global_step})
+
+    @property
+    def outstanding(self) -> int:
+        with self._lock:
+            return self._outstanding
+
+    # -- background thread ---------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            # Daemon: a script that ends while a probe runs exits instead of hanging on it.
+            self._thread = threading.Thread(target=self._serve, name="entropy-probe-callback",
+                                            daemon=True)
+            self._thread.start()
+
+    def _serve(self) -> None:
+        client = None
+        while True:
+            step, body = self._todo.get()
+            try:
+                if client is None:
+                    from service.client import ProbeClient
+                    client = ProbeClient(self.base_url, token=self.token)
+                job_id = client.submit(body, idempotency_key=f"trl-{self._run_id}-{step}")
+                result = client.wait(job_id, timeout=self.probe_timeout, poll=self.poll)
+                self._done.put(_Done(step, result))
+            except Exception as exc:  # connection refused, job failed, timeout: skip this one
+                log.warning("entropy-probe: probe of checkpoint-%d skipped: %s: %s", step,
+                            type(exc).__name__, str(exc)[:300])
+            finally:
+                with self._lock:
+                    self._outstanding -= 1
+
+
+def _body(template: RequestBody, adapter: str, base_model: str | None) -> dict:
+    """The request for one checkpoint: the template with `checkpoint` set (validated)."""
+    body = template.model_dump() if isinstance(template, ProbeRequest) else dict(template)
+    ckpt = dict(body.get("checkpoint") or {})
+    ckpt.update(adapter=adapter, optimizer=None)
+    if base_model is not None:
+        ckpt["base_model"] = base_model
+    body["checkpoint"] = ckpt
+    return ProbeRequest.model_validate(body).model_dump(mode="json")
