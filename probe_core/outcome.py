@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from probe_core.adamw import AdamWStep
 from probe_core.estimators import CovarianceProxy, DeltaH1
 from probe_core.importance import SnisEstimate
 from probe_core.memory import MemoryTracer
@@ -74,3 +77,9 @@ class ProbeOutcome:
     grad_method: str
     base_reused: bool
     warnings: list[str] = field(default_factory=list)
+    # for library users and tests (not in the JSON): the flat gradient summaries and the step
+    step: AdamWStep | None = None
+    x_bar: torch.Tensor | None = None     # [P] float64
+    y_bar: torch.Tensor | None = None     # [P] float64
+    unit_x: torch.Tensor | None = None    # [U, P] fp32, None when over the host budget
+    unit_y: torch.Tensor | None = None

@@ -223,8 +223,11 @@ class _Probe:
             self._enter("realized")
             realized, updated = self._realized(forcer, flat_chunks, s, swap, step, ck, b, g)
             self._finish("realized")
-        return self._outcome(ck, batch, rewards, adv, s, estimate, step, hyper, realized,
-                             updated, acc.method, n_units)
+        out = self._outcome(ck, batch, rewards, adv, s, estimate, step, hyper, realized,
+                            updated, acc.method, n_units)
+        out.step, out.x_bar, out.y_bar, out.unit_x, out.unit_y = (step, x_bar, y_bar, x_units,
+                                                                  y_units)
+        return out
 
     def _unit(self, acc: GradientAccumulator, chunks, c_x, c_y, done: int, total: int):
         counter = iter(range(done + 1, done + len(chunks) + 1))
