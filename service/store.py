@@ -122,7 +122,7 @@ class JobStore:
                 if rec.request_hash != digest:
                     raise IdempotencyConflict(
                         "this Idempotency-Key was used with another request body")
-                return rec.job, False
+                return rec.job.model_copy(deep=True), False
             if len(self._queue) >= max_queue:
                 raise QueueFull(f"{len(self._queue)} jobs are queued (limit {max_queue})")
             self._seq += 1
@@ -133,7 +133,7 @@ class JobStore:
             if idempotency_key:
                 self._keys[idempotency_key] = job.id
             self._queue.append(job.id)
-            return job, True
+            return job.model_copy(deep=True), True
 
     def take_next(self) -> tuple[str, str] | None:
         """Pop the oldest queued job and mark it running. Returns (id, request JSON)."""
