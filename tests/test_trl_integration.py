@@ -25,7 +25,8 @@ pytest.importorskip("trl")
 import httpx  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, Trainer  # noqa: E402
+from transformers import (AutoModelForCausalLM, LlamaConfig, Trainer,  # noqa: E402
+                          TrainerCallback)
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from probe_core.checkpoint import ModelCache, open_checkpoint  # noqa: E402
@@ -65,8 +66,8 @@ def _reward(completions, **kwargs) -> list[float]:
     return [float(c.strip().startswith("4")) + 0.1 * len(c) for c in completions]
 
 
-def _train(base: str, out: str, *, callbacks=(), modules_to_save=None, max_steps=MAX_STEPS,
-           weight_decay=0.01) -> GRPOTrainer:
+def _train(base: str, out: str, *, callbacks=(), attach=None, modules_to_save=None,
+           max_steps=MAX_STEPS, weight_decay=0.01) -> GRPOTrainer:
     args = GRPOConfig(
         output_dir=out, max_steps=max_steps, save_steps=1, learning_rate=LR,
         lr_scheduler_type="linear", weight_decay=weight_decay, per_device_train_batch_size=4,
@@ -78,8 +79,20 @@ def _train(base: str, out: str, *, callbacks=(), modules_to_save=None, max_steps
                           train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
                           processing_class=build_tokenizer(TinyConfig()), peft_config=lora,
                           callbacks=list(callbacks))
+    if attach is not None:
+        attach.attach(trainer)
     trainer.train()
     return trainer
+
+
+class _Tracker(TrainerCallback):
+    """Stands for a report_to integration: it logs whatever reaches its on_log."""
+
+    def __init__(self):
+        self.seen: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs or {}))
 
 
 def _rollouts(step: int) -> dict:
@@ -139,13 +152,15 @@ def server(root):
 def run(root, server):
     """One GRPOTrainer run: LoRA on q/v plus modules_to_save on every input_layernorm, so the
     Trainer's no-decay group (the norms) interleaves with its decay group (LoRA) in
-    named_parameters() order. The callback probes every save through the server."""
+    named_parameters() order. The callback probes every save through the server; attached, it
+    comes before the tracker in the callback list."""
     callback = EntropyProbeCallback(server, _rollouts, wait_at_end=True, end_timeout=150.0,
                                     poll=0.2)
+    tracker = _Tracker()
     out = os.path.join(root, "run")
-    trainer = _train(os.path.join(root, "base"), out, callbacks=[callback],
+    trainer = _train(os.path.join(root, "base"), out, callbacks=[tracker], attach=callback,
                      modules_to_save=["input_layernorm"])
-    return trainer, out
+    return trainer, out, tracker
 
 
 def _optimizer(ckpt: str) -> dict:
@@ -176,7 +191,7 @@ def _assert_maps_like_trainer(ckpt: str) -> list[int]:
 
 
 def test_trainer_checkpoint_layout(run):
-    _, out = run
+    _, out, _ = run
     ckpts = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-"))
     assert ckpts == [f"checkpoint-{n}" for n in range(1, MAX_STEPS + 1)]
     ckpt = os.path.join(out, "checkpoint-1")
@@ -195,7 +210,7 @@ def test_trainer_checkpoint_layout(run):
 
 
 def test_probe_checkpoint_folder_over_http(run, server):
-    _, out = run
+    _, out, _ = run
     client = ProbeClient(server)
     body = {"prompts": PROMPTS, "answers": ANSWERS, "responses_per_prompt": 4,
             "generation": {"max_new_tokens": 8}, "seed": 1}
@@ -226,10 +241,12 @@ def test_probe_checkpoint_folder_over_http(run, server):
 
 
 def test_callback_logs_probe_results(run):
-    trainer, _ = run
+    trainer, _, tracker = run
     logged = [e for e in trainer.state.log_history if "entropy_probe/delta_h1" in e]
     steps = sorted(int(e["entropy_probe/checkpoint_step"]) for e in logged)
     assert steps == list(range(1, MAX_STEPS + 1)), trainer.state.log_history
+    seen = [e for e in tracker.seen if "entropy_probe/delta_h1" in e]
+    assert sorted(int(e["entropy_probe/checkpoint_step"]) for e in seen) == steps
     for e in logged:
         for key in ("delta_h1", "delta_h1_se", "delta_h", "ess_fraction"):
             assert math.isfinite(e[f"entropy_probe/{key}"]), (key, e)

@@ -92,6 +92,7 @@ class EntropyProbeCallback(TrainerCallback):
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._trainer = None
+        self._flushing = False                # on_train_end is logging results itself
 
     # -- wiring --------------------------------------------------------------------------------
     def attach(self, trainer) -> EntropyProbeCallback:
@@ -130,7 +131,7 @@ class EntropyProbeCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # One result per log call, so a tracker sees each as its own point.
-        if logs is None or self._done.empty():
+        if logs is None or self._flushing or self._done.empty():
             return
         values = self._done.get_nowait().metrics()
         logs.update(values)
@@ -146,12 +147,16 @@ class EntropyProbeCallback(TrainerCallback):
             if self.outstanding:
                 log.warning("entropy-probe: %d probe(s) still running after %.0f s; not "
                             "waiting for them", self.outstanding, self.end_timeout)
-        while not self._done.empty():
-            values = self._done.get_nowait().metrics()
-            if self._trainer is not None:
-                self._trainer.log(values)        # through every tracker's on_log
-            else:
-                state.log_history.append({**values, "step": state.global_step})
+        self._flushing = True                 # trainer.log calls our on_log too
+        try:
+            while not self._done.empty():
+                values = self._done.get_nowait().metrics()
+                if self._trainer is not None:
+                    self._trainer.log(values)    # through every tracker's on_log
+                else:
+                    state.log_history.append({**values, "step": state.global_step})
+        finally:
+            self._flushing = False
 
     @property
     def outstanding(self) -> int:
