@@ -87,7 +87,11 @@ def _resolve_paths(spec: CheckpointSpec, opts: RuntimeOptions) -> tuple[str, str
         raise CheckpointNotFound(f"adapter {spec.adapter!r} has no {ADAPTER_CONFIG}: pass a PEFT "
                                  "adapter directory or a Trainer checkpoint-N folder")
     if spec.base_model:
-        return confine(spec.base_model, roots, what="base_model"), adapter
+        base = confine(spec.base_model, roots, what="base_model")
+        if not os.path.isfile(os.path.join(base, "config.json")):
+            raise CheckpointNotFound("base_model is not a Hugging Face model directory "
+                                     "(no config.json)")
+        return base, adapter
     with open(os.path.join(adapter, ADAPTER_CONFIG)) as f:
         named = json.load(f).get("base_model_name_or_path")
     if not named or not os.path.isdir(named):
