@@ -72,3 +72,22 @@ def flat_grad(value: torch.Tensor, params) -> torch.Tensor:
     grads = torch.autograd.grad(value, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
                       for g, p in zip(grads, params)])
+
+
+def sampled_rollouts(model, tok, prompt_texts: list[str], group_size: int, max_new: int,
+                     seed: int, reward_fn) -> list:
+    """Responses sampled from the policy (pure temperature 1) as client rollouts whose rewards
+    are reward_fn(token ids)."""
+    from probe_core.rollouts import sample
+    from probe_core.spec import ClientRollout, GenerationSpec
+
+    batch = sample(model, tok, prompt_texts, "raw", group_size,
+                   GenerationSpec(max_new_tokens=max_new, batch_size=256), seed=seed,
+                   device=torch.device("cpu"))
+    width = batch.prompt_width
+    out = []
+    for n, text in enumerate(prompt_texts):
+        rows = range(n * group_size, (n + 1) * group_size)
+        resp = [batch.input_ids[i, width:][batch.response_mask[i]].tolist() for i in rows]
+        out.append(ClientRollout(text, resp, [reward_fn(r) for r in resp]))
+    return out

@@ -7,18 +7,16 @@ must lie within 4 standard errors of the exact values.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from exact_world import exact_entropy, flat_grad, load_policy, all_responses, response_logprobs
+from exact_world import (all_responses, exact_entropy, flat_grad, load_policy,
+                         response_logprobs, sampled_rollouts)
 from probe_core.probe import run_probe
-from probe_core.rollouts import sample
-from probe_core.spec import (CheckpointSpec, ClientRollout, GenerationSpec, ObjectiveSpec,
-                             ProbeSpec, RealizedSpec)
+from probe_core.spec import CheckpointSpec, GenerationSpec, ProbeSpec, RealizedSpec
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
 
 WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.3, seed=5)
@@ -67,15 +65,8 @@ def world(tmp_path_factory) -> World:
     base, adapter = write_tiny_checkpoint(str(root), WORLD)
     model, tok, params = load_policy(base, adapter)
     eos, a_id = tok.eos_token_id, tok.convert_tokens_to_ids("a")
-    prompt_texts = DISTINCT * COPIES
-    batch = sample(model, tok, prompt_texts, "raw", G, GenerationSpec(max_new_tokens=MAX_NEW,
-                                                                      batch_size=128),
-                   seed=7, device=torch.device("cpu"))
-    rollouts = []
-    for n, text in enumerate(prompt_texts):
-        resp = [batch.input_ids[n * G + g, batch.prompt_width:][batch.response_mask[n * G + g]]
-                .tolist() for g in range(G)]
-        rollouts.append(ClientRollout(text, resp, [reward(r, a_id) for r in resp]))
+    rollouts = sampled_rollouts(model, tok, DISTINCT * COPIES, G, MAX_NEW, seed=7,
+                                reward_fn=lambda r: reward(r, a_id))
     spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=rollouts,
                      reward_kind="provided", responses_per_prompt=G,
                      generation=GenerationSpec(max_new_tokens=MAX_NEW), lr_override=LR,
