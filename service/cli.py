@@ -20,7 +20,11 @@ def cmd_serve(args) -> int:
 
     from service.app import create_app
     from service.settings import Settings
-    uvicorn.run(create_app(Settings()), host=args.host, port=args.port, log_level=args.log_level)
+    settings = Settings()
+    if settings.api_token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"entropy-probe serve: listening on {args.host} without ENTROPY_PROBE_API_TOKEN: "
+              "anyone who can reach the port can run jobs", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import logging
 import os
+import queue
 import re
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 FAULT_SEED = 424242          # tests only: the fault hook fires for jobs with this seed
 PROGRESS_INTERVAL_S = 0.1
 CANCEL_ID_BYTES = 64
+IDLE_POLL_S = 1.0
 
 log = logging.getLogger("entropy_probe.worker")
 
@@ -97,7 +99,12 @@ def main(cfg: WorkerConfig, jobs, events, cancel_id) -> None:
     cache = ModelCache()
     events.put(Ready(os.getpid(), str(resolve_device(cfg.device))))
     while True:
-        job = jobs.get()
+        try:
+            job = jobs.get(timeout=IDLE_POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent:      # the server died while we were idle
+                return
+            continue
         if job is None:
             return
         events.put(_run(job, cfg, cache, events, cancel_id, parent))

@@ -334,6 +334,9 @@ def test_restart_serves_finished_and_reports_interrupted(start_server, tiny_chec
         with pytest.raises(ProbeHTTPError) as conflict:
             client.submit(quick_request(tiny_checkpoint, seed=4), idempotency_key="k1")
         assert conflict.value.status_code == 409
+    idle_worker = second.wait_ready()
+    second.kill()
+    psutil.Process(idle_worker).wait(30)                      # an idle orphan stops as well
 
 
 # -- CLI --------------------------------------------------------------------------------------
