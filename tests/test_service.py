@@ -198,6 +198,18 @@ def test_delete_finished_job(module_server, tiny_checkpoint):
     assert module_server.http.get(f"/probes/{job_id}").status_code == 404
 
 
+def test_probe_error_becomes_a_failed_job(module_server, tiny_checkpoint):
+    base, adapter = tiny_checkpoint
+    body = quick_request(tiny_checkpoint)
+    body["checkpoint"] = {"base_model": base, "adapter": base}   # exists, but not an adapter
+    with module_server.client() as client:
+        with pytest.raises(ProbeFailed) as failed:
+            client.wait(client.submit(body), JOB_TIMEOUT_S, poll=0.1)
+    err = failed.value.error
+    assert err.code == ErrorCode.checkpoint_not_found and err.phase == "load"
+    assert "adapter_config.json" in err.message
+
+
 def test_oom_fails_the_job_with_trace_and_the_worker_goes_on(module_server, tiny_checkpoint):
     pid = module_server.wait_ready()
     with module_server.client() as client:
@@ -234,16 +246,43 @@ def test_worker_killed_mid_job_fails_it_and_is_replaced(module_server, tiny_chec
     assert metric(module_server, "entropy_probe_worker_restarts_total") == 1
 
 
-def test_metrics_prometheus_text(module_server):
+def test_metrics_prometheus_text(module_server, tiny_checkpoint):
+    with module_server.client() as client:
+        client.wait(client.submit(quick_request(tiny_checkpoint, seed=21)), JOB_TIMEOUT_S,
+                    poll=0.1)
     r = module_server.http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    text = r.text
-    assert "# TYPE entropy_probe_jobs gauge" in text
-    assert metric(module_server, 'entropy_probe_jobs{status="succeeded"}') >= 1
-    assert metric(module_server, 'entropy_probe_jobs{status="failed"}') >= 2   # OOM, crash
-    assert metric(module_server, "entropy_probe_job_duration_seconds_count") >= 3
+    assert "# TYPE entropy_probe_jobs gauge" in r.text
+    for status in JobStatus:                    # the gauges agree with the store
+        listed = module_server.http.get("/probes", params={"status": status.value,
+                                                           "limit": 100}).json()
+        assert not listed["has_more"]
+        assert metric(module_server, f'entropy_probe_jobs{{status="{status.value}"}}') == len(
+            listed["data"]), status
+    assert metric(module_server, "entropy_probe_job_duration_seconds_count") >= 1
+    assert metric(module_server, "entropy_probe_job_duration_seconds_sum") > 0
     assert metric(module_server, "entropy_probe_peak_host_rss_bytes") > 0
     assert metric(module_server, "entropy_probe_queue_length") == 0
+    assert metric(module_server, "entropy_probe_worker_up") == 1
+
+
+def test_cli_submit_wait_and_status(module_server, tiny_checkpoint, tmp_path):
+    req = tmp_path / "r.json"
+    req.write_text(json.dumps(quick_request(tiny_checkpoint, seed=31)))
+    env = dict(os.environ, ENTROPY_PROBE_API_TOKEN=TOKEN)
+    cli = [sys.executable, "-m", "service.cli"]
+    proc = subprocess.run(cli + ["submit", str(req), "--wait", "--url", module_server.url],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job_id = proc.stdout.splitlines()[0]
+    assert "δH₁" in proc.stdout
+    proc = subprocess.run(cli + ["status", job_id, "--url", module_server.url],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["status"] == "succeeded"
+    env.pop("ENTROPY_PROBE_API_TOKEN")
+    proc = subprocess.run(cli + ["status", job_id, "--url", module_server.url],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 1 and "401" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_openapi_documents_the_contract(module_server):
