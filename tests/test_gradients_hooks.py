@@ -1,0 +1,135 @@
+"""The one-backward `hooks` gradient path equals two autograd.grad calls (`two_backward`).
+
+X_u = Σ c^X ∇S and Y_u = Σ c^Y ∇S per unit, on tiny real checkpoints, with responses of
+different lengths, EOS in the middle of a response (tokens after it are not part of S), the pad
+id sampled as an ordinary token, a tokenizer whose pad equals EOS, chunks that split a unit, and
+blocks mode; then the whole probe with either method.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from probe_core.checkpoint import ModelCache, open_checkpoint
+from probe_core.gradients import FlatParams, GradientAccumulator
+from probe_core.probe import run_probe
+from probe_core.rollouts import from_client
+from probe_core.spec import (CheckpointSpec, ClientRollout, EstimatorSpec, GenerationSpec,
+                             ProbeSpec, RealizedSpec, RuntimeOptions)
+from probe_core.teacher_forcing import TeacherForcer, unit_chunks
+from probe_core.tiny import TinyConfig, write_tiny_checkpoint
+
+G, MAX_NEW = 4, 10
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["pad!=eos", "pad==eos"])
+def ckpt(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    base, adapter = write_tiny_checkpoint(
+        str(out), TinyConfig(pad_equals_eos=request.param, vocab_size=64, train_steps=2))
+    return base, adapter
+
+
+def _rollouts(tokenizer, num_prompts: int, seed: int = 0) -> list[ClientRollout]:
+    """Responses of lengths 1..MAX_NEW, some with EOS mid-sequence followed by more tokens,
+    some containing the pad id as an ordinary token, some without EOS."""
+    rng = random.Random(seed)
+    eos, pad, vocab = tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)
+    out = []
+    for n in range(num_prompts):
+        responses = []
+        for g in range(G):
+            length = rng.randint(1, MAX_NEW)
+            ids = [rng.randrange(2, vocab) for _ in range(length)]
+            kind = (n + g) % 4
+            if kind == 0 and length >= 3:
+                ids[length // 2] = eos                 # EOS mid-sequence: the rest is dropped
+            elif kind == 1:
+                ids[0] = pad                           # the pad id as an ordinary token
+                ids[-1] = eos
+            elif kind == 2:
+                ids[-1] = eos
+            responses.append(ids)
+        out.append(ClientRollout("ab+" * (1 + n % 3), responses,
+                                 [float(rng.random() < 0.5) for _ in range(G)]))
+    return out
+
+
+def _unit_vectors(ckpt, method: str, per_unit: int, microbatch: int):
+    base, adapter = ckpt
+    spec = CheckpointSpec(base, adapter)
+    with open_checkpoint(spec, RuntimeOptions(device="cpu"), torch.device("cpu"),
+                         ModelCache()) as ck:
+        batch, _ = from_client(_rollouts(ck.tokenizer, 4), ck.tokenizer, ck.model, "raw")
+        assert batch.lengths.min() < batch.lengths.max()
+        forcer = TeacherForcer(ck.model, batch, 0.8, torch.device("cpu"), None)
+        flat = FlatParams.of([p for _, p in ck.params])
+        acc = GradientAccumulator(forcer, ck.model, flat, method)
+        assert acc.method == method
+        gen = torch.Generator().manual_seed(1)
+        c_x = torch.randn(batch.num_sequences, generator=gen, dtype=torch.float64)
+        c_y = torch.randn(batch.num_sequences, generator=gen, dtype=torch.float64)
+        xs, ys, backs = [], [], 0
+        for chunks in unit_chunks(batch.num_prompts, G, per_unit, microbatch):
+            x, y, n_back = acc.unit(chunks, c_x, c_y)
+            xs.append(x.clone())
+            ys.append(y.clone())
+            backs += n_back
+        return torch.stack(xs), torch.stack(ys), backs, batch.num_sequences
+
+
+@pytest.mark.parametrize("per_unit,microbatch", [(1, 3), (1, 4), (2, 3)],
+                         ids=["exact-split", "exact-whole", "blocks-split"])
+def test_hooks_equal_two_backward(ckpt, per_unit, microbatch):
+    xh, yh, back_h, n = _unit_vectors(ckpt, "hooks", per_unit, microbatch)
+    xt, yt, back_t, _ = _unit_vectors(ckpt, "two_backward", per_unit, microbatch)
+    assert xh.shape == xt.shape and xh.shape[0] == 4 // per_unit
+    assert xt.abs().max() > 0 and yt.abs().max() > 0
+    torch.testing.assert_close(xh, xt, rtol=1e-5, atol=1e-6 * float(xt.abs().max()))
+    torch.testing.assert_close(yh, yt, rtol=1e-5, atol=1e-6 * float(yt.abs().max()))
+    assert back_h == n and back_t == 2 * n
+
+
+def test_hooks_apply_only_where_every_parameter_is_a_lora_linear(ckpt):
+    base, adapter = ckpt
+    with open_checkpoint(CheckpointSpec(base, adapter), RuntimeOptions(device="cpu"),
+                         torch.device("cpu"), ModelCache()) as ck:
+        batch, _ = from_client(_rollouts(ck.tokenizer, 2), ck.tokenizer, ck.model, "raw")
+        forcer = TeacherForcer(ck.model, batch, 1.0, torch.device("cpu"), None)
+        flat = FlatParams.of([p for _, p in ck.params])
+        assert GradientAccumulator(forcer, ck.model, flat).method == "hooks"
+        norm = [p for n, p in ck.model.named_parameters() if "norm" in n][0]
+        norm.requires_grad_(True)
+        try:
+            with_norm = FlatParams.of([p for _, p in ck.params] + [norm])
+            assert GradientAccumulator(forcer, ck.model, with_norm).method == "two_backward"
+        finally:
+            norm.requires_grad_(False)
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocks"])
+def test_probe_numbers_do_not_depend_on_the_gradient_method(ckpt, mode):
+    base, adapter = ckpt
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(base)
+    spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=_rollouts(tok, 6),
+                     responses_per_prompt=G, reward_kind="provided",
+                     generation=GenerationSpec(max_new_tokens=MAX_NEW),
+                     estimator=EstimatorSpec(mode=mode, block_size=2),
+                     realized=RealizedSpec(lr_multipliers=[1.0]), microbatch_size=3)
+    cache = ModelCache()
+    out = {m: run_probe(spec, RuntimeOptions(device="cpu", grad_method=m), cache)
+           for m in ("hooks", "two_backward")}
+    h, t = out["hooks"], out["two_backward"]
+    assert h.grad_method == "hooks" and t.grad_method == "two_backward"
+    for field in ("total", "gradient_term", "momentum_term", "weight_decay_term"):
+        a, b = getattr(h.delta_h1, field), getattr(t.delta_h1, field)
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-9), field
+    assert h.delta_h1.u_plain.value == pytest.approx(t.delta_h1.u_plain.value, rel=1e-4,
+                                                     abs=1e-12)
+    assert h.realized.main[1].delta_h == pytest.approx(t.realized.main[1].delta_h, rel=1e-3,
+                                                       abs=1e-7)
+    assert h.passes.backward * 2 == t.passes.backward
