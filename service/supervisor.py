@@ -13,7 +13,7 @@ import time
 from schemas import ErrorCode, ProbeResult
 from service import worker as w
 from service.metrics import Metrics
-from service.store import JobStore, now
+from service.store import JobStore
 
 log = logging.getLogger("entropy_probe.supervisor")
 POLL_S = 0.1

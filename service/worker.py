@@ -119,7 +119,7 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int):
     from probe_core.probe import ProbeHooks, run_probe
     from probe_core.spec import RuntimeOptions
     from schemas import ProbeRequest
-    from service.mapping import to_result
+    from service.mapping import to_result, to_spec
 
     last = {"phase": "load", "t": 0.0}
 
@@ -141,7 +141,6 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int):
             device=cfg.device, checkpoint_roots=list(cfg.checkpoint_roots),
             trust_remote_code=cfg.trust_remote_code,
             fault_hook=cfg.fault_hook if req.seed == FAULT_SEED else None)
-        from service.mapping import to_spec
         spec = to_spec(req, host_budget_bytes=cfg.host_budget_bytes)
         outcome = run_probe(spec, opts, cache, ProbeHooks(progress, should_cancel))
         return JobDone(job.id, to_result(outcome).model_dump_json(), outcome.base_reused)
