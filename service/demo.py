@@ -30,11 +30,11 @@ def demo_request(base: str, adapter: str) -> dict:
     rng = random.Random(0)
     rollouts = []
     for prompt in DEMO_PROMPTS:
-        right = str(eval(prompt[:-1]))           # noqa: S307 - our own literal "a+b"
-        wrong = [str(rng.randint(0, 9)), f"{right} ?", "#"]
-        responses = [right] + wrong
+        a, b = prompt.rstrip("=").split("+")
+        right = str(int(a) + int(b))
+        responses = [right, str(rng.randint(0, 9)), f"{right} ?", "#"]
         rollouts.append({"prompt": prompt, "responses": responses,
-                         "rewards": [1.0, 0.0, 0.5 if wrong[1].startswith(right) else 0.0, 0.0]})
+                         "rewards": [1.0, 0.0, 0.5, 0.0]})
     return {"checkpoint": {"base_model": base, "adapter": adapter},
             "rollouts": rollouts, "reward": {"kind": "provided"},
             "realized": {"lr_multipliers": [1.0, 0.5]}, "seed": 0}
