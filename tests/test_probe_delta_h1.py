@@ -217,3 +217,19 @@ def test_two_param_groups_fold_hyperparameters_per_element(ckpt, tmp_path):
                      for p in load_policy(base, str(tmp_path / "stepped2"))[2]]) - bf.theta
     torch.testing.assert_close(got, bf.delta, rtol=1e-4, atol=2e-7)
     torch.testing.assert_close(bf.torch_adamw_delta(), bf.delta, rtol=1e-4, atol=2e-7)
+
+
+def test_over_host_budget_recomputes_units_with_the_same_numbers(ckpt):
+    """With no host budget for unit vectors a second gradient pass recomputes them: the numbers
+    are the same and the extra pass is counted."""
+    tok = load_policy(ckpt[1], None)[1]
+    kept = run_probe(_spec(ckpt, tok))
+    spec = _spec(ckpt, tok)
+    spec.host_budget_bytes = 0
+    streamed = run_probe(spec)
+    assert streamed.unit_x is None and kept.unit_x is not None
+    for field in ("total", "se", "gradient_term", "momentum_term", "weight_decay_term"):
+        assert math.isclose(getattr(streamed.delta_h1, field), getattr(kept.delta_h1, field),
+                            rel_tol=1e-6, abs_tol=1e-12)
+    assert streamed.passes.forward_grad == 2 * kept.passes.forward_grad
+    assert any("second gradient pass" in w for w in streamed.warnings)
