@@ -15,6 +15,9 @@ import httpx
 import pytest
 
 READY_TIMEOUT_S = 90.0
+# Tiny models on a shared CPU: torch's OpenMP threads spin against other processes and make
+# each op ~20x slower; one thread per worker is faster and predictable.
+ONE_THREAD = "1"
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +43,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, ENTROPY_PROBE_STATE_DIR=str(state_dir),
                         ENTROPY_PROBE_CHECKPOINT_ROOTS=roots, ENTROPY_PROBE_DEVICE="cpu",
+                        OMP_NUM_THREADS=ONE_THREAD,
                         **{f"ENTROPY_PROBE_{k.upper()}": v for k, v in env.items()})
         self.env.pop("ENTROPY_PROBE_API_TOKEN", None)
         if token:

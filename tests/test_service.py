@@ -15,6 +15,7 @@ import pytest
 
 from schemas import ErrorCode, JobStatus, ProbeJob, ProbeResult
 from service.client import ProbeFailed, ProbeHTTPError
+from conftest import ONE_THREAD
 from service.worker import FAULT_SEED
 
 TOKEN = "s3cret-token"
@@ -34,13 +35,14 @@ def quick_request(ck: tuple[str, str], seed: int = 0, **extra) -> dict:
 
 
 def slow_request(ck: tuple[str, str]) -> dict:
-    """Sampled rollouts, 64 sequences of up to 32 tokens, one sequence per chunk: seconds of
-    work with many chunk boundaries."""
+    """Sampled rollouts, 256 sequences of up to 48 tokens, one sequence per chunk: seconds of
+    work with many chunk boundaries. Tests cancel or kill it; it never runs to the end."""
     base, adapter = ck
-    prompts = ["1+2=", "3+1=", "2+2=", "0+4=", "4+1=", "2+3=", "1+1=", "0+0="]
-    return {"checkpoint": {"base_model": base, "adapter": adapter}, "prompts": prompts,
-            "answers": ["3", "4", "4", "4", "5", "5", "2", "0"], "responses_per_prompt": 8,
-            "generation": {"max_new_tokens": 32, "batch_size": 4},
+    pairs = [(a, b) for a in range(5) for b in range(5)][:16]
+    return {"checkpoint": {"base_model": base, "adapter": adapter},
+            "prompts": [f"{a}+{b}=" for a, b in pairs],
+            "answers": [str(a + b) for a, b in pairs], "responses_per_prompt": 16,
+            "generation": {"max_new_tokens": 48, "batch_size": 4},
             "memory": {"teacher_force_microbatch_size": 1},
             "realized": {"lr_multipliers": [1.0, 0.5, 2.0]}}
 
@@ -384,7 +386,8 @@ def test_cli_run_in_process(tiny_checkpoint, tmp_path):
     req, out = tmp_path / "r.json", tmp_path / "o.json"
     req.write_text(json.dumps(quick_request(tiny_checkpoint)))
     proc = subprocess.run([sys.executable, "-m", "service.cli", "run", "--request", str(req),
-                           "--output", str(out)], capture_output=True, text=True, timeout=180)
+                           "--output", str(out)], capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS=ONE_THREAD))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = ProbeResult.model_validate_json(out.read_text())
     assert result.batch.num_prompts == 4
@@ -406,7 +409,8 @@ def test_cli_run_reports_a_probe_error(tiny_checkpoint, tmp_path):
 def test_demo_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "service.cli", "demo", "--dir",
                            str(tmp_path / "demo-checkpoint")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=280)
+                          capture_output=True, text=True, timeout=280,
+                          env=dict(os.environ, OMP_NUM_THREADS=ONE_THREAD))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for needle in ("δH₁", "gradient", "momentum", "weight decay", "ΔH", "ESS fraction",
                    "PSIS k", "peak host RSS", "timing"):
