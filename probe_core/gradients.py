@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from probe_core.teacher_forcing import TeacherForcer
+from probe_core.teacher_forcing import TeacherForcer, to_device
 
 
 @dataclass
@@ -44,7 +44,13 @@ class FlatParams:
 
 
 class _LinearGradCapture:
-    """Hooks that add c-weighted per-sequence weight gradients of bias-free Linear layers."""
+    """Hooks that add c-weighted per-sequence weight gradients of bias-free Linear layers.
+
+    The backward is asked only for what the hooks need (`backward_inputs`): the outputs of
+    hooked layers that feed another hooked layer (LoRA A → B: the A outputs, [n, T, r]) and the
+    weights of hooked layers that stand alone. Autograd then computes no LoRA weight gradient
+    of its own (the hooks compute them, weighted), and nothing below the first LoRA layer.
+    """
 
     def __init__(self, flat: FlatParams, model: torch.nn.Module):
         where = {id(p): k for k, p in enumerate(flat.params)}
@@ -54,6 +60,9 @@ class _LinearGradCapture:
                 self.layers.append((module, where[id(module.weight)]))
         self.coef: torch.Tensor | None = None      # [2, n]
         self.acc: torch.Tensor | None = None       # [2, P] device accumulator
+        # this chunk's hooked outputs by id: (output, weight, whether its input was one)
+        self._outputs: dict[int, tuple[torch.Tensor, torch.nn.Parameter, bool]] = {}
+        self._feeding: set[int] = set()            # ids of outputs another hooked layer read
 
     @staticmethod
     def applicable(flat: FlatParams, model: torch.nn.Module) -> bool:
@@ -68,6 +77,8 @@ class _LinearGradCapture:
         return all(id(p) in covered and id(p) not in head_params for p in flat.params)
 
     def __enter__(self):
+        self._outputs.clear()
+        self._feeding.clear()
         for module, k in self.layers:
             self.handles.append(module.register_forward_hook(self._forward_hook(k)))
         return self
@@ -77,21 +88,34 @@ class _LinearGradCapture:
             h.remove()
         self.handles.clear()
 
+    def backward_inputs(self) -> list[torch.Tensor]:
+        """What autograd.grad must reach so that every hooked output's gradient is computed."""
+        out = [t if key in self._feeding else w for key, (t, w, fed) in self._outputs.items()
+               if key in self._feeding or not fed]
+        self._outputs.clear()
+        self._feeding.clear()
+        return out
+
     def _forward_hook(self, k: int):
         def hook(module, inputs, output):
             if not output.requires_grad:
                 return
-            x = inputs[0].detach()                                        # [n, T, d_in]
+            x = inputs[0]
+            fed = id(x) in self._outputs       # fed by another hooked layer (LoRA B after A)
+            if fed:
+                self._feeding.add(id(x))
+            self._outputs[id(output)] = (output, module.weight, fed)
+            x = x.detach()                                                # [n, T, d_in]
             output.register_hook(lambda g: self._add(k, x, g))
         return hook
 
     def _add(self, k: int, x: torch.Tensor, g: torch.Tensor) -> None:
+        """acc[:, layer k] += Σ_i coef[:, i] g_iᵀ x_i, with x [n, T, d_in], g [n, T, d_out]."""
         n, d_in, d_out = x.shape[0], x.shape[-1], g.shape[-1]
-        weighted = g.float().unsqueeze(0) * self.coef[:, :, None, None]   # [2, n, T, d_out]
-        grad_w = weighted.reshape(2, -1, d_out).transpose(1, 2) @ \
-            x.float().reshape(-1, d_in)                                   # [2, d_out, d_in]
+        per_seq = torch.bmm(g.float().reshape(n, -1, d_out).transpose(1, 2),
+                            x.float().reshape(n, -1, d_in))               # [n, d_out, d_in]
         off = self.flat.offsets[k]
-        self.acc[:, off:off + d_out * d_in] += grad_w.reshape(2, -1)
+        self.acc[:, off:off + d_out * d_in].addmm_(self.coef, per_seq.view(n, -1))
 
 
 @dataclass
@@ -127,13 +151,17 @@ class GradientAccumulator:
         dev = self.forcer.device
         acc = torch.zeros(2, self.flat.numel, dtype=torch.float32, device=dev)   # [2, P]
         backwards = 0
+        coefs = to_device(torch.stack([coef_x[torch.cat(chunks)],
+                                       coef_y[torch.cat(chunks)]]).float(), dev)  # [2, n_u]
+        start = 0
         for rows in chunks:
-            coef = torch.stack([coef_x[rows], coef_y[rows]]).float().to(dev)   # [2, n]
+            coef = coefs[:, start:start + len(rows)]                          # [2, n]
+            start += len(rows)
             if self.method == "hooks":
                 self.capture.coef, self.capture.acc = coef, acc
                 with self.capture:
                     s = self.forcer.logprobs(rows, grad=True)                   # [n]
-                torch.autograd.grad(s.sum(), self.flat.params, allow_unused=True)
+                torch.autograd.grad(s.sum(), self.capture.backward_inputs(), allow_unused=True)
                 backwards += len(rows)
             else:
                 s = self.forcer.logprobs(rows, grad=True)

@@ -26,7 +26,17 @@ def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
     logits = head(hidden).float()                                     # [k, V]
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    return -F.cross_entropy(logits / temperature, targets, reduction="none")
+    if temperature != 1.0:        # x/1 == x exactly: skip a [k, V] pass at τ = 1
+        logits = logits / temperature
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host → device without a stream synchronisation on CUDA (pinned, non-blocking; the
+    caching host allocator keeps the pinned block until the copy has run)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class TeacherForcer:
@@ -49,34 +59,38 @@ class TeacherForcer:
 
     def chunk_inputs(self, rows: torch.Tensor) -> dict:
         """Device tensors for the rows, trimmed to the chunk's own prompt/response extent
-        (columns that are padding for every row in the chunk carry no information)."""
+        (columns that are padding for every row in the chunk carry no information). Response
+        positions are found on the host, so the device never waits on a data-dependent size."""
         b = self.batch
-        resp = b.response_mask[rows]                                      # [n, L]
-        left = b.prompt_width - int(b.prompt_lengths[rows].max())
-        right = b.prompt_width + int(resp.sum(1).max())
-        ids = b.input_ids[rows, left:right]                               # [n, T]
+        width = int(b.response_mask[rows].sum(1).max())                  # L' ≤ L
+        resp = b.response_mask[rows, :width]                              # [n, L']
+        p = int(b.prompt_lengths[rows].max())                             # P' ≤ P
+        left, right = b.prompt_width - p, b.prompt_width + width
+        ids = b.input_ids[rows, left:right]                               # [n, P'+L']
         attn = b.attention_mask[rows, left:right]
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        return dict(ids=ids.to(self.device), attn=attn.to(self.device), pos=pos.to(self.device),
-                    resp=resp[:, :right - b.prompt_width].to(self.device),
-                    prompt_width=b.prompt_width - left)
+        sel = torch.nonzero(resp.reshape(-1), as_tuple=True)[0]           # [M] in n·L'
+        targets = ids[:, p:].reshape(-1)[sel]                             # [M]
+        dev = self.device
+        return dict(ids=to_device(ids, dev), attn=to_device(attn, dev), pos=to_device(pos, dev),
+                    sel=to_device(sel, dev), targets=to_device(targets, dev),
+                    owner=to_device(sel // max(width, 1), dev), rows=len(rows), prompt_width=p,
+                    width=width)
 
     def logprobs(self, rows: torch.Tensor, *, grad: bool) -> torch.Tensor:
         """S for the given sequence indices. Returns [n] fp32 on the device (with a graph to the
         trainable parameters when grad=True)."""
         x = self.chunk_inputs(rows)
-        p, resp = x["prompt_width"], x["resp"]
+        p, width = x["prompt_width"], x["width"]
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
         with ctx, self._autocast():
             hidden = self.decoder(input_ids=x["ids"], attention_mask=x["attn"],
                                   position_ids=x["pos"], use_cache=False).last_hidden_state
-            # position t predicts token t+1: hidden at P-1 … P+L-2 scores response tokens
-            h = hidden[:, p - 1:p - 1 + resp.shape[1]][resp]              # [M, d]
-            targets = x["ids"][:, p:p + resp.shape[1]][resp]              # [M]
-            owner = torch.nonzero(resp, as_tuple=True)[0]                 # [M]
-            token_lp = self._chunked_logprobs(h, targets, grad)          # [M]
-        s = torch.zeros(resp.shape[0], dtype=torch.float32, device=self.device)
-        return s.index_add(0, owner, token_lp)
+            # position t predicts token t+1: hidden at P'-1 … P'+L'-2 scores response tokens
+            h = hidden[:, p - 1:p - 1 + width].flatten(0, 1)[x["sel"]]   # [M, d]
+            token_lp = self._chunked_logprobs(h, x["targets"], grad)     # [M]
+        s = torch.zeros(x["rows"], dtype=torch.float32, device=self.device)
+        return s.index_add(0, x["owner"], token_lp)
 
     def _chunked_logprobs(self, h: torch.Tensor, targets: torch.Tensor, grad: bool):
         step = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab)
@@ -93,12 +107,16 @@ class TeacherForcer:
 
 def all_logprobs(forcer: TeacherForcer, chunks: list[torch.Tensor], on_chunk=None
                  ) -> torch.Tensor:
-    """No-grad S for every sequence, chunk by chunk. Returns [N] fp32 on the host."""
+    """No-grad S for every sequence, chunk by chunk. Returns [N] fp32 on the host. The chunks'
+    results stay on the device until the end: one transfer, no synchronisation per chunk."""
     out = torch.empty(forcer.batch.num_sequences, dtype=torch.float32)
+    parts = []
     for k, rows in enumerate(chunks):
-        out[rows] = forcer.logprobs(rows, grad=False).cpu()
+        parts.append(forcer.logprobs(rows, grad=False))                   # [n] device
         if on_chunk:
             on_chunk(k + 1, len(chunks))
+    if parts:
+        out[torch.cat(chunks)] = torch.cat(parts).cpu()
     return out
 
 
