@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from schemas import ErrorCode, JobStatus, ProbeJob, ProbeResult
+from schemas import ErrorCode, JobStatus, ProbeJob, ProbeRequest, ProbeResult
 from service.client import ProbeFailed, ProbeHTTPError
 from conftest import ONE_THREAD
 from service.worker import FAULT_SEED
@@ -223,8 +223,8 @@ def test_oom_fails_the_job_with_trace_and_the_worker_goes_on(module_server, tiny
         assert err.code == ErrorCode.out_of_memory and err.phase == "gradients"
         assert err.memory_trace and {"phase", "host_rss_bytes"} <= set(err.memory_trace[0])
         assert "microbatch" in err.message
-        after = client.wait(client.submit(quick_request(tiny_checkpoint, seed=1)),
-                            JOB_TIMEOUT_S, poll=0.1)
+        request = ProbeRequest.model_validate(quick_request(tiny_checkpoint, seed=1))
+        after = client.wait(client.submit(request), JOB_TIMEOUT_S, poll=0.1)
     assert after.delta_h1.units == 4
     assert module_server.wait_ready() == pid          # same worker, it did not die
 
@@ -334,8 +334,8 @@ def test_queue_full_and_cancel_queued_and_running(start_server, tiny_checkpoint)
     assert c.status_code == 200 and c.json()["status"] == "cancelled"
     assert c.json()["error"]["code"] == "cancelled"
 
-    c = server.http.post(f"/probes/{running_id}/cancel")
-    assert c.status_code == 200 and c.json()["status"] == "cancelling"
+    with server.client() as client:
+        assert client.cancel(running_id).status == JobStatus.cancelling
     job = poll(server, running_id, lambda j: j.status.finished)
     assert job.status == JobStatus.cancelled and job.error.code == ErrorCode.cancelled
     assert job.error.phase in ("rollouts", "teacher_forcing", "gradients", "step", "realized")
@@ -403,6 +403,19 @@ def test_cli_run_reports_a_probe_error(tiny_checkpoint, tmp_path):
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1 and "checkpoint_not_found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_tiny_checkpoint_flags(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "tiny-checkpoint",
+                           str(tmp_path / "ck"), "--vocab-size", "64", "--hidden-size", "16",
+                           "--layers", "1"], capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS=ONE_THREAD))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((tmp_path / "ck" / "base" / "config.json").read_text())
+    assert (config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]) == (
+        64, 16, 1)
+    assert (tmp_path / "ck" / "adapter" / "optimizer.pt").is_file()
+    assert (tmp_path / "ck" / "adapter" / "adapter_config.json").is_file()
 
 
 @pytest.mark.slow
