@@ -23,7 +23,7 @@ import torch
 from probe_core import rewards as rw
 from probe_core.adamw import AdamWStep, Hyper, adamw_step
 from probe_core.checkpoint import LoadedCheckpoint, ModelCache, open_checkpoint
-from probe_core.errors import DegenerateBatch, ProbeCancelled, ProbeOutOfMemory
+from probe_core.errors import DegenerateBatch, InvalidRequest, ProbeCancelled, ProbeOutOfMemory
 from probe_core.estimators import BilinearDots, covariance_proxy, delta_h1
 from probe_core.gradients import FlatParams, GradientAccumulator
 from probe_core.importance import entropy_before, snis
@@ -98,6 +98,7 @@ class _Probe:
         t_start = time.perf_counter()
         try:
             self._enter("load")
+            self.save_to = self._save_path()
             with open_checkpoint(self.spec.checkpoint, self.opts, self.device,
                                  self.cache) as ck:
                 self._finish("load")
@@ -155,6 +156,16 @@ class _Probe:
         loo_mean = (s.sum(1, keepdim=True) - s) / (g - 1)                            # S̄_{n,−g}
         c_x = (s - loo_mean) / g
         return c_x.reshape(-1) / per_unit, c_y.reshape(-1) / per_unit, adv
+
+    def _save_path(self) -> str | None:
+        """Checked before any compute, so a bad path does not waste the probe."""
+        if not self.spec.save_updated_adapter_to:
+            return None
+        if self.spec.checkpoint.adapter is None:
+            raise InvalidRequest("save_updated_adapter_to needs checkpoint.adapter (a LoRA "
+                                 "adapter to write); a full-model probe cannot save one")
+        return confine(self.spec.save_updated_adapter_to, self.opts.checkpoint_roots,
+                       what="save_updated_adapter_to", must_exist=False)
 
     def _run_loaded(self, ck: LoadedCheckpoint) -> ProbeOutcome:
         spec = self.spec
@@ -215,13 +226,20 @@ class _Probe:
                                hyper)
         estimate = delta_h1(*dots, kappa=step.kappa)
         self._warn_degenerate(adv, hyper, n_units)
+        updated = None
+        if self.save_to is not None:   # the real step, s = 1, whatever the multipliers are
+            try:
+                swap.apply(step.delta, 1.0)
+                updated = save_adapter(ck.model, self.save_to)
+            finally:
+                swap.restore()
         self._finish("step")
 
         # 4. realized
-        realized, updated = None, None
+        realized = None
         if spec.realized.enabled:
             self._enter("realized")
-            realized, updated = self._realized(forcer, flat_chunks, s, swap, step, ck, b, g)
+            realized = self._realized(forcer, flat_chunks, s, swap, step, b, g)
             self._finish("realized")
         out = self._outcome(ck, batch, rewards, adv, s, estimate, step, hyper, realized,
                             updated, acc.method, n_units)
@@ -273,10 +291,10 @@ class _Probe:
         if n_units < 3:
             self.warnings.append("fewer than 3 units: the jackknife SE is undefined (null)")
 
-    def _realized(self, forcer, chunks, s, swap: ParameterSwap, step: AdamWStep,
-                  ck: LoadedCheckpoint, b: int, g: int):
+    def _realized(self, forcer, chunks, s, swap: ParameterSwap, step: AdamWStep, b: int,
+                  g: int) -> RealizedOutcome:
         spec = self.spec.realized
-        rows, updated = [], None
+        rows = []
         total = len(chunks) * len(spec.lr_multipliers)
         try:
             for k, mult in enumerate(spec.lr_multipliers):
@@ -285,10 +303,6 @@ class _Probe:
                 s_after = all_logprobs(forcer, chunks,
                                        on_chunk=lambda d, _: self._tick(offset + d, total))
                 self.passes.forward_no_grad += s.numel()
-                if mult == 1.0 and self.spec.save_updated_adapter_to:
-                    path = confine(self.spec.save_updated_adapter_to, self.opts.checkpoint_roots,
-                                   what="save_updated_adapter_to", must_exist=False)
-                    updated = save_adapter(ck.model, path)
                 swap.restore()
                 rows.append((mult, snis(s.view(b, g), s_after.view(b, g), spec.normalization,
                                         spec.psis)))
@@ -296,7 +310,7 @@ class _Probe:
             swap.restore()
         h0, h0_se = entropy_before(s.view(b, g))
         return RealizedOutcome(h0, h0_se, spec.normalization, spec.ess_threshold, rows,
-                               self._noise_floor(forcer, s)), updated
+                               self._noise_floor(forcer, s))
 
     def _noise_floor(self, forcer: TeacherForcer, s: torch.Tensor) -> float:
         """max |S − S'| over a few sequences recomputed with another chunking."""

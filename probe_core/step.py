@@ -37,8 +37,6 @@ class ParameterSwap:
 
 def save_adapter(model: torch.nn.Module, path: str) -> str:
     """Write the model's adapter (currently at θ⁺) as a PEFT directory."""
-    if not hasattr(model, "save_pretrained") or not hasattr(model, "peft_config"):
-        raise ValueError("save_updated_adapter_to needs an adapter checkpoint")
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     return path

@@ -134,3 +134,29 @@ def test_full_model_probe_restores_base_weights(ckpt):
     digest = _digest(cache.model.parameters())
     fresh, _, _ = load_policy(base, None)
     assert digest == _digest(fresh.parameters())
+
+
+def test_updated_adapter_is_the_real_step_whatever_the_multipliers(ckpt, tmp_path):
+    _, base, adapter = ckpt
+    spec = _spec(ckpt, realized=RealizedSpec(lr_multipliers=[0.5]),
+                 save_updated_adapter_to=str(tmp_path / "half"))
+    out = run_probe(spec)
+    _, _, original = load_policy(base, adapter)
+    _, _, updated = load_policy(base, out.updated_adapter)
+    theta = torch.cat([p.detach().reshape(-1).double() for p in original])
+    stepped = torch.cat([p.detach().reshape(-1).double() for p in updated])
+    torch.testing.assert_close(stepped - theta, out.step.delta, rtol=1e-4, atol=1e-7)
+    spec.realized.enabled = False
+    spec.save_updated_adapter_to = str(tmp_path / "off")
+    assert run_probe(spec).updated_adapter == str(tmp_path / "off")
+
+
+def test_saving_without_an_adapter_fails_before_any_compute(ckpt):
+    from probe_core.errors import InvalidRequest
+    root, base, adapter = ckpt
+    spec = _spec(ckpt, checkpoint=CheckpointSpec(base, None, optimizer=f"{adapter}/optimizer.pt",
+                                                 allow_full_model=True),
+                 save_updated_adapter_to=f"{root}/nowhere")
+    with pytest.raises(InvalidRequest, match="needs checkpoint.adapter") as info:
+        run_probe(spec)
+    assert info.value.phase == "load"
