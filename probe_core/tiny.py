@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_ALPHABET = string.ascii_lowercase + string.digits + " +-=?:#"
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+# every character of the template is in the alphabet, so chat prompts tokenize losslessly
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}: {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}a:{% endif %}")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
