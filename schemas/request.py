@@ -2,25 +2,63 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 MAX_NEW_TOKENS_LIMIT = 8192
 MAX_SEQUENCES = 65536
+MAX_PATH_CHARS = 4096
+MAX_TOKEN_ID = 2**31 - 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are typos; NaN/inf (JSON `NaN`, `Infinity`, "nan", 1e999) are never meant.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _no_nul(path: str) -> str:
+    if "\x00" in path:
+        raise ValueError("a path cannot contain a NUL character")
+    return path
+
+
+CheckpointPath = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS),
+                           AfterValidator(_no_nul)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_TOKEN_ID)]
+
+
+def printable(text: str) -> str:
+    """`text` with characters UTF-8 cannot encode (lone surrogates) written as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """Where the first string with a lone UTF-16 surrogate (JSON "\\ud800") is, else None.
+    Such text cannot be encoded as UTF-8, so it cannot be stored or tokenized."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:                              # iterative: nesting depth is the client's choice
+        loc, value = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return loc or "the body"
+        elif isinstance(value, dict):
+            todo += [(f"{loc}.{printable(str(k))}".lstrip("."), x)
+                     for k, v in value.items() for x in (k, v)]
+        elif isinstance(value, (list, tuple)):
+            todo += [(f"{loc}[{i}]", v) for i, v in enumerate(value)]
+    return None
 
 
 class CheckpointSpec(_Strict):
-    base_model: str | None = Field(
+    base_model: CheckpointPath | None = Field(
         None, description="HF model directory. Default: the adapter config's "
         "base_model_name_or_path when that is a local directory.")
-    adapter: str | None = Field(
+    adapter: CheckpointPath | None = Field(
         None, description="PEFT adapter directory, or a TRL/Trainer checkpoint-N folder.")
-    optimizer: str | None = Field(
+    optimizer: CheckpointPath | None = Field(
         None, description="torch.save'd AdamW state_dict. Default: <adapter>/optimizer.pt.")
     allow_full_model: bool = Field(
         False, description="Allow probing without an adapter beyond max_trainable_params.")
@@ -34,17 +72,19 @@ class CheckpointSpec(_Strict):
 
 class Rollout(_Strict):
     prompt: str = Field(min_length=1)
-    responses: list[str | list[int]] = Field(min_length=2)
-    rewards: list[float]
+    responses: list[str | list[TokenId]] = Field(
+        min_length=2, description="G ≥ 2 responses: text, or token ids (non-negative).")
+    rewards: list[float] = Field(description="One finite reward per response.")
 
     @model_validator(mode="after")
     def _rewards_match(self) -> Rollout:
         if len(self.rewards) != len(self.responses):
             raise ValueError(f"rewards has {len(self.rewards)} entries but responses has "
                              f"{len(self.responses)}; give one reward per response")
-        for r in self.responses:
-            if isinstance(r, list) and any(t < 0 for t in r):
-                raise ValueError("token ids must be non-negative")
+        for j, r in enumerate(self.responses):
+            if len(r) == 0:
+                raise ValueError(f"responses[{j}] is empty; every response needs at least "
+                                 "one token")
         return self
 
 
@@ -52,7 +92,7 @@ class GenerationSpec(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    top_k: int = Field(0, ge=0, le=MAX_TOKEN_ID, description="0 disables top-k.")
     batch_size: int = Field(16, ge=1, le=4096,
                             description="Sequences per generate() call (bounds KV-cache memory).")
 
@@ -99,8 +139,8 @@ class MemorySpec(_Strict):
     teacher_force_microbatch_size: int = Field(2, ge=1, le=4096)
     trace: bool = True
     host_budget_bytes: int | None = Field(
-        None, ge=0, description="Host memory for per-unit gradient vectors; above it a second "
-        "gradient pass recomputes them. Default: the server's setting.")
+        None, ge=0, le=2**62, description="Host memory for per-unit gradient vectors; above it "
+        "a second gradient pass recomputes them. Default: the server's setting.")
 
 
 class ProbeRequest(_Strict):
@@ -120,7 +160,16 @@ class ProbeRequest(_Strict):
     realized: RealizedSpec = Field(default_factory=RealizedSpec)
     memory: MemorySpec = Field(default_factory=MemorySpec)
     seed: int = Field(0, ge=0, le=2**63 - 1)
-    save_updated_adapter_to: str | None = None
+    save_updated_adapter_to: CheckpointPath | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise ValueError(f"{where}: text must be valid Unicode (it has a lone surrogate "
+                             "such as \\ud800)")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ProbeRequest:
@@ -140,6 +189,9 @@ class ProbeRequest(_Strict):
                 raise ValueError("give prompts (with answers) or rollouts")
             if any(not p for p in self.prompts):
                 raise ValueError("prompts must be non-empty strings")
+            if self.answers is not None and any(not a.strip() for a in self.answers):
+                raise ValueError("answers must be non-empty: each is the reference answer its "
+                                 "prompt's responses are scored against")
             if self.reward.kind == "provided":
                 raise ValueError("reward.kind 'provided' needs rollouts with rewards")
             if self.answers is None or len(self.answers) != len(self.prompts):

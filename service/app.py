@@ -6,11 +6,12 @@ import logging
 from contextlib import asynccontextmanager
 from importlib import metadata
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 
+from service.errors import validation_error
 from service.metrics import Metrics
-from service.middleware import REQUEST_ID, BodyLimit, RequestId
+from service.middleware import BodyLimit, RequestId
 from service.routers import health, probes
 from service.settings import Settings
 from service.store import JobStore
@@ -38,7 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("%d unfinished jobs from before the restart marked interrupted",
                         interrupted)
         cfg = WorkerConfig(settings.device, tuple(settings.roots), settings.trust_remote_code,
-                           settings.host_budget_bytes, settings.fault_hook)
+                           settings.host_budget_bytes, settings.fault_hook,
+                           settings.max_trainable_params)
         app.state.store, app.state.metrics = store, Metrics()
         app.state.supervisor = Supervisor(store, cfg, app.state.metrics)
         app.state.supervisor.start()
@@ -54,15 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(probes.router)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        # Outside every middleware: set the request id here, and never send a stack trace.
-        rid = request.scope.get("state", {}).get("request_id", "")
-        log.exception("unhandled error (request %s)", rid)
-        return JSONResponse({"detail": "internal server error", "request_id": rid},
-                            status_code=500, headers={REQUEST_ID: rid})
-
-    # Added last = outermost: the request id exists before the body limit answers.
+    app.add_exception_handler(RequestValidationError, validation_error)
+    # Added last = outermost: the request id exists before the body limit answers, and an
+    # unexpected error becomes a 500 there (never a stack trace).
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)
     return app

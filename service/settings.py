@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     trust_remote_code: bool = False
     host_budget_bytes: int = Field(
         8 << 30, ge=0, description="Default host memory for per-unit gradient vectors.")
+    max_trainable_params: int = Field(
+        50_000_000, ge=0, description="Without an adapter, more trainable parameters than this "
+        "are refused unless the request sets allow_full_model.")
     max_body_bytes: int = Field(32 << 20, ge=1024, description="Request bodies above get 413.")
     fault_hook: str | None = Field(
         None, description="Tests only: 'oom:<phase>' simulates an OOM there, for jobs whose "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import uuid
@@ -18,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from schemas import ErrorCode, JobError, JobStatus, ProbeJob, ProbeRequest, ProbeResult, Progress
+
+log = logging.getLogger("entropy_probe.store")
 
 
 class QueueFull(Exception):
@@ -62,6 +65,10 @@ class Record:
     @classmethod
     def from_json(cls, text: str) -> Record:
         d = json.loads(text)
+        if not (isinstance(d, dict) and isinstance(d.get("seq"), int)
+                and isinstance(d.get("request_hash"), str)
+                and isinstance(d.get("idempotency_key"), (str, type(None)))):
+            raise ValueError("not a job record")
         return cls(d["seq"], ProbeJob.model_validate(d["job"]), json.dumps(d["request"]),
                    d["request_hash"], d.get("idempotency_key"))
 
@@ -95,8 +102,14 @@ class JobStore:
             for path in sorted(self.dir.glob("*.json")):
                 try:
                     rec = Record.from_json(path.read_text())
-                except (OSError, ValueError, KeyError):
-                    path.rename(path.with_suffix(".corrupt"))
+                except (OSError, ValueError, KeyError) as exc:
+                    # A damaged file must not stop the server: set it aside, say so, go on.
+                    log.error("skipping unreadable job file %s (%s: %s); renamed to *.corrupt",
+                              path.name, type(exc).__name__, str(exc)[:200])
+                    try:
+                        path.rename(path.with_suffix(".corrupt"))
+                    except OSError:
+                        pass
                     continue
                 if not rec.job.status.finished:
                     self._fail(rec, ErrorCode.interrupted, "the server stopped before this job "

@@ -136,16 +136,29 @@ class Supervisor:
         elif isinstance(msg, w.JobProgress):
             self._phase = msg.phase
             self.store.progress(msg.job_id, msg.phase, msg.done, msg.total)
-        elif isinstance(msg, w.JobDone):
-            result = ProbeResult.model_validate_json(msg.result_json)
-            self.store.succeed(msg.job_id, result)
-            self.metrics.job_memory(result.memory.peak_host_rss_bytes,
-                                    result.memory.peak_device_bytes, msg.base_reused)
-            self._job_ended()
-        elif isinstance(msg, w.JobFailed):
+        elif isinstance(msg, (w.JobDone, w.JobFailed)):
+            # Whatever happens while recording it, the job is over: the next one must start.
+            try:
+                self._record(msg)
+            finally:
+                self._job_ended()
+
+    def _record(self, msg: w.JobDone | w.JobFailed) -> None:
+        if isinstance(msg, w.JobFailed):
             self.store.fail(msg.job_id, ErrorCode(msg.code), msg.message, msg.phase,
                             msg.memory_trace)
-            self._job_ended()
+            return
+        try:
+            result = ProbeResult.model_validate_json(msg.result_json)
+        except ValueError as exc:
+            log.error("job %s: unreadable result: %s", msg.job_id, exc)
+            self.store.fail(msg.job_id, ErrorCode.internal_error, "the probe finished but its "
+                            "result did not fit the result schema; the server log has details",
+                            "done")
+            return
+        self.store.succeed(msg.job_id, result)
+        self.metrics.job_memory(result.memory.peak_host_rss_bytes,
+                                result.memory.peak_device_bytes, msg.base_reused)
 
     def _job_ended(self) -> None:
         with self._lock:

@@ -35,6 +35,7 @@ class WorkerConfig:
     trust_remote_code: bool
     host_budget_bytes: int
     fault_hook: str | None = None
+    max_trainable_params: int = 50_000_000
 
 
 @dataclass
@@ -140,6 +141,7 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int):
         opts = RuntimeOptions(
             device=cfg.device, checkpoint_roots=list(cfg.checkpoint_roots),
             trust_remote_code=cfg.trust_remote_code,
+            max_trainable_params=cfg.max_trainable_params,
             fault_hook=cfg.fault_hook if req.seed == FAULT_SEED else None)
         spec = to_spec(req, host_budget_bytes=cfg.host_budget_bytes)
         outcome = run_probe(spec, opts, cache, ProbeHooks(progress, should_cancel))

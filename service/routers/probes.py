@@ -39,6 +39,9 @@ def _check_paths(req: ProbeRequest, roots: list[str]) -> None:
         except ProbeError as exc:
             errors.append({"type": exc.code, "loc": ["body", *loc], "msg": exc.message,
                            "input": path})
+        except (ValueError, UnicodeError):      # the schema refuses these; never a 500
+            errors.append({"type": "invalid_request", "loc": ["body", *loc],
+                           "msg": f"{loc[-1]} is not a valid file name"})
     if errors:
         raise HTTPException(422, detail=errors)
 
@@ -48,7 +51,7 @@ def _not_found(job_id: str) -> HTTPException:
 
 
 @router.post("", status_code=202, response_model=ProbeJob,
-             responses={409: _ERR, 422: _ERR, 429: _ERR, 413: _ERR})
+             responses={400: _ERR, 409: _ERR, 413: _ERR, 415: _ERR, 422: _ERR, 429: _ERR})
 def submit(req: ProbeRequest, response: Response, store: JobStore = Depends(get_store),
            settings: Settings = Depends(get_settings),
            idempotency_key: str | None = Header(None, max_length=255)) -> ProbeJob:

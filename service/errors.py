@@ -1,0 +1,69 @@
+"""Bodies of the HTTP errors the service sends for bad requests: a 415 for a body that is not
+JSON, and 422 validation errors made safe to echo (bounded, valid UTF-8, no exception objects).
+"""
+
+from __future__ import annotations
+
+import email.message
+import json
+import math
+from typing import Any
+
+from fastapi import Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from schemas.request import printable
+
+MAX_ECHO_CHARS = 1000        # a 422 repeats the offending input only when it is this small
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json"))
+
+
+def _safe(value: Any) -> Any:
+    """JSON-ready `value` whose strings UTF-8 can encode (a lone surrogate becomes '\\ud800')
+    and whose numbers JSON can carry (NaN and inf become the strings 'nan' and 'inf')."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {printable(str(k)): _safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_safe(v) for v in value]
+    return value
+
+
+def _entry(error: dict) -> dict:
+    out = {"type": error["type"], "loc": _safe(list(error["loc"])),
+           "msg": _safe(error["msg"])}
+    # The whole body (loc ["body"]) or a long field is not repeated back; the loc names it.
+    if len(out["loc"]) > 1 and "input" in error:
+        echo = _safe(jsonable_encoder(error["input"]))
+        if len(json.dumps(echo)) <= MAX_ECHO_CHARS:
+            out["input"] = echo
+    ctx = {k: v for k, v in (error.get("ctx") or {}).items() if not isinstance(v, Exception)}
+    if ctx:
+        out["ctx"] = _safe(jsonable_encoder(ctx))
+    return out
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with field-level `detail`; 415 when a body was sent without a JSON content type."""
+    errors = exc.errors()
+    body_sent = request.headers.get("content-length", "0") != "0" or (
+        "chunked" in request.headers.get("transfer-encoding", ""))
+    about_body = any(e["loc"][:1] == ("body",) for e in errors)
+    if body_sent and about_body and not _is_json(request.headers.get("content-type")):
+        return JSONResponse({"detail": "send the request body as JSON with "
+                             "'Content-Type: application/json'"}, status_code=415)
+    return JSONResponse({"detail": [_entry(e) for e in errors]}, status_code=422)
