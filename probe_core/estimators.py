@@ -31,6 +31,36 @@ class BilinearDots:
         return cls((x * wy).sum(1), x @ (w * y.mean(0)), wy @ x.mean(0))
 
 
+def kept_unit_dots(x: torch.Tensor, y: torch.Tensor, weights: list[torch.Tensor],
+                   vectors: list[torch.Tensor], block_bytes: int = 2 << 20
+                   ) -> tuple[list[BilinearDots], list[torch.Tensor]]:
+    """BilinearDots.of(x, y, w) for each w and x @ v for each v, from kept fp32 unit vectors
+    x, y [U, P], column block by column block: each float64 temporary is ≤ block_bytes (about
+    four live at once) instead of several [U, P] float64 copies, which grew host memory with
+    the batch size.
+
+    Args: weights, vectors: float64 [P] each. Returns the dots per weight and x @ v [U] per v.
+    """
+    u, p = x.shape
+    width = max(1, block_bytes // (8 * u))
+    zero = [torch.zeros(u, dtype=torch.float64) for _ in range(3 * len(weights) + len(vectors))]
+    diag, x_ybar, xbar_y = zero[:len(weights)], zero[len(weights):2 * len(weights)], \
+        zero[2 * len(weights):3 * len(weights)]
+    lin = zero[3 * len(weights):]
+    for j in range(0, p, width):
+        cols = slice(j, j + width)
+        xb, yb = x[:, cols].double(), y[:, cols].double()                # [U, b]
+        x_mean, y_mean = xb.mean(0), yb.mean(0)                          # [b]
+        for k, w in enumerate(weights):
+            wy = yb * w[cols]                                            # [U, b]
+            diag[k] += (xb * wy).sum(1)
+            x_ybar[k] += xb @ (w[cols] * y_mean)
+            xbar_y[k] += wy @ x_mean
+        for k, v in enumerate(vectors):
+            lin[k] += xb @ v[cols]
+    return [BilinearDots(d, a, b) for d, a, b in zip(diag, x_ybar, xbar_y)], lin
+
+
 @dataclass
 class UStat:
     value: float

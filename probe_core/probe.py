@@ -24,7 +24,7 @@ from probe_core import rewards as rw
 from probe_core.adamw import AdamWStep, Hyper, adamw_step
 from probe_core.checkpoint import LoadedCheckpoint, ModelCache, open_checkpoint
 from probe_core.errors import DegenerateBatch, InvalidRequest, ProbeCancelled, ProbeOutOfMemory
-from probe_core.estimators import BilinearDots, covariance_proxy, delta_h1
+from probe_core.estimators import BilinearDots, covariance_proxy, delta_h1, kept_unit_dots
 from probe_core.gradients import FlatParams, GradientAccumulator
 from probe_core.importance import entropy_before, snis
 from probe_core.memory import MemoryTracer
@@ -261,9 +261,9 @@ class _Probe:
         w_mom = step.w_momentum
         w_dec = step.w_decay
         if x_units is not None:
-            x, y = x_units.double(), y_units.double()
-            return (BilinearDots.of(x, y, step.d), BilinearDots.of(x, y, step.w_grad),
-                    x @ w_mom, x @ w_dec)
+            (plain, grad), (mom, dec) = kept_unit_dots(x_units, y_units, [step.d, step.w_grad],
+                                                       [w_mom, w_dec])
+            return plain, grad, mom, dec
         self.warnings.append("unit vectors exceeded the host memory budget: a second gradient "
                              "pass recomputed them")
         rows = {k: [] for k in ("pd", "pxy", "pyx", "gd", "gxy", "gyx", "m", "wd")}
