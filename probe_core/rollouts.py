@@ -152,6 +152,20 @@ def sample(model, tokenizer, prompts: list[str], prompt_format: str, group_size:
         max_new_tokens=gen.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
         repetition_penalty=1.0, num_beams=1, min_new_tokens=0)
     torch.manual_seed(seed)
+    # generate() fills every setting the config leaves unset from the checkpoint's own
+    # generation_config (Qwen ships top_k=20, top_p=0.8, repetition_penalty=1.05 ...): those
+    # would change the sampling distribution away from π_τ, so they are hidden while sampling.
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved, lm.generation_config = lm.generation_config, GenerationConfig()
+    try:
+        return _generate(model, prompt_ids, group_size, gen, config, eos, pad, tokenizer,
+                         device, on_chunk)
+    finally:
+        lm.generation_config = saved
+
+
+def _generate(model, prompt_ids, group_size, gen, config, eos, pad, tokenizer, device,
+              on_chunk) -> Batch:
     per_call = max(1, gen.batch_size // group_size)
     responses: list[list[int]] = []
     for start in range(0, len(prompt_ids), per_call):

@@ -91,13 +91,24 @@ def _chi2_critical(df: int, z: float = 3.72) -> float:
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-@pytest.mark.parametrize("temperature", [1.0, 1.5])
-def test_sampling_frequencies_match_exact_enumeration(six, temperature):
+@pytest.mark.parametrize("temperature,hostile", [(1.0, False), (1.5, False), (1.0, True)])
+def test_sampling_frequencies_match_exact_enumeration(six, temperature, hostile):
+    """hostile: the checkpoint's generation_config asks for top_k, a repetition penalty and
+    another temperature (as Qwen's does); sampling must ignore it and follow π_τ."""
     model, tok = six
     eos = tok.eos_token_id
     prompt_text, max_new, n = "ab", 2, 3000
     gen = GenerationSpec(max_new_tokens=max_new, temperature=temperature, batch_size=1000)
-    batch = sample(model, tok, [prompt_text], "raw", n, gen, seed=11, device=torch.device("cpu"))
+    lm_config = model.get_base_model().generation_config
+    saved = lm_config.to_dict()
+    if hostile:
+        lm_config.update(top_k=2, repetition_penalty=3.0, temperature=0.3, top_p=0.5,
+                         no_repeat_ngram_size=1)
+    try:
+        batch = sample(model, tok, [prompt_text], "raw", n, gen, seed=11,
+                       device=torch.device("cpu"))
+    finally:
+        model.get_base_model().generation_config = type(lm_config).from_dict(saved)
     responses = all_responses(len(tok), eos, max_new)
     with torch.no_grad():
         probs = response_logprobs(model, tok.encode(prompt_text), responses, temperature).exp()
