@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from probe_core.errors import (AdapterBaseMismatch, CheckpointInvalid, CheckpointNotFound,
@@ -69,7 +70,7 @@ def _load_base(path: str, device: torch.device, opts: RuntimeOptions) -> torch.n
             raise CheckpointInvalid("this model needs custom code; the server operator must set "
                                     "ENTROPY_PROBE_TRUST_REMOTE_CODE=1") from exc
         raise CheckpointInvalid(f"could not load the base model: {exc}") from exc
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise CheckpointInvalid(f"could not load the base model weights: {exc}") from exc
     # CPU half precision is slow and imprecise; the GPU keeps the checkpoint dtype.
     if device.type == "cpu" and model.dtype in (torch.float16, torch.bfloat16):
@@ -80,25 +81,41 @@ def _load_base(path: str, device: torch.device, opts: RuntimeOptions) -> torch.n
     return model
 
 
+def _read_config(path: str, what: str) -> dict:
+    """A checkpoint's JSON config; a damaged one is CheckpointInvalid (before anything else
+    reads it and reports a misleading error)."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointInvalid(f"{what} is not readable JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointInvalid(f"{what} is not a JSON object")
+    return config
+
+
 def _resolve_paths(spec: CheckpointSpec, opts: RuntimeOptions) -> tuple[str, str | None]:
     roots = opts.checkpoint_roots
     adapter = confine(spec.adapter, roots, what="adapter") if spec.adapter else None
     if adapter is not None and not os.path.isfile(os.path.join(adapter, ADAPTER_CONFIG)):
         raise CheckpointNotFound(f"adapter {spec.adapter!r} has no {ADAPTER_CONFIG}: pass a PEFT "
                                  "adapter directory or a Trainer checkpoint-N folder")
+    adapter_config = (_read_config(os.path.join(adapter, ADAPTER_CONFIG),
+                                   f"the adapter's {ADAPTER_CONFIG}") if adapter else {})
     if spec.base_model:
         base = confine(spec.base_model, roots, what="base_model")
-        if not os.path.isfile(os.path.join(base, "config.json")):
-            raise CheckpointNotFound("base_model is not a Hugging Face model directory "
-                                     "(no config.json)")
-        return base, adapter
-    with open(os.path.join(adapter, ADAPTER_CONFIG)) as f:
-        named = json.load(f).get("base_model_name_or_path")
-    if not named or not os.path.isdir(named):
-        raise CheckpointNotFound("checkpoint.base_model is not given and the adapter config's "
-                                 "base_model_name_or_path is not a local directory; pass "
-                                 "checkpoint.base_model")
-    return confine(named, roots, what="base_model"), adapter
+    else:
+        named = adapter_config.get("base_model_name_or_path")
+        if not isinstance(named, str) or not named or not os.path.isdir(named):
+            raise CheckpointNotFound("checkpoint.base_model is not given and the adapter "
+                                     "config's base_model_name_or_path is not a local "
+                                     "directory; pass checkpoint.base_model")
+        base = confine(named, roots, what="base_model")
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        raise CheckpointNotFound("base_model is not a Hugging Face model directory "
+                                 "(no config.json)")
+    _read_config(os.path.join(base, "config.json"), "the base model's config.json")
+    return base, adapter
 
 
 def _load_tokenizer(base: str, adapter: str | None, opts: RuntimeOptions):
@@ -124,6 +141,8 @@ def _attach_adapter(base: torch.nn.Module, adapter: str) -> torch.nn.Module:
 
     try:
         model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    except SafetensorError as exc:
+        raise CheckpointInvalid(f"could not read the adapter weights: {exc}") from exc
     except (RuntimeError, ValueError, KeyError) as exc:
         raise AdapterBaseMismatch(f"the adapter does not fit this base model: "
                                   f"{str(exc).splitlines()[0][:300]}") from exc
@@ -149,7 +168,11 @@ def open_checkpoint(spec: CheckpointSpec, opts: RuntimeOptions, device: torch.de
     base_path, adapter_path = _resolve_paths(spec, opts)
     tokenizer = _load_tokenizer(base_path, adapter_path, opts)
     base, reused = cache.get(base_path, device, opts)
-    model = _attach_adapter(base, adapter_path) if adapter_path else base
+    try:
+        model = _attach_adapter(base, adapter_path) if adapter_path else base
+    except Exception:
+        cache.clear()        # a failed attach can leave adapter layers in the cached base
+        raise
     try:
         if adapter_path is None:
             for p in model.parameters():

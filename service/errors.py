@@ -13,10 +13,31 @@ from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from schemas.request import printable
 
 MAX_ECHO_CHARS = 1000        # a 422 repeats the offending input only when it is this small
+
+
+class FieldError(BaseModel):
+    type: str
+    loc: list[str | int]
+    msg: str
+    input: Any = None
+    ctx: dict[str, Any] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx (and the 500) body: a message, or field-level errors for a 422."""
+
+    detail: str | list[FieldError]
+    request_id: str | None = None
+
+
+def error_response(what: str) -> dict:
+    """An OpenAPI `responses` entry for an error status."""
+    return {"model": ErrorBody, "description": what}
 
 
 def _is_json(content_type: str | None) -> bool:

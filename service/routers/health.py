@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
 from service.auth import require_token
+from service.errors import error_response
 
 router = APIRouter(tags=["health"])
 
@@ -30,7 +31,13 @@ def healthz() -> Health:
     return Health()
 
 
-@router.get("/readyz", response_model=Ready, responses={503: {"model": NotReady}},
+_401 = {401: error_response("Missing or wrong bearer token")}
+# /metrics answers text, but its 401 is JSON like every other error (ErrorBody).
+_401_JSON = {401: {"description": "Missing or wrong bearer token", "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}}
+
+
+@router.get("/readyz", response_model=Ready, responses={503: {"model": NotReady}, **_401},
             dependencies=[Depends(require_token)])
 def readyz(request: Request):
     """200 with the device and worker pid when the device worker is up, else 503."""
@@ -41,7 +48,8 @@ def readyz(request: Request):
     return Ready(device=ready.device, worker_pid=ready.pid)
 
 
-@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_token)])
+@router.get("/metrics", response_class=PlainTextResponse, responses=_401_JSON,
+            dependencies=[Depends(require_token)])
 def metrics(request: Request) -> PlainTextResponse:
     """Prometheus text format."""
     state = request.app.state

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from probe_core.errors import ProbeError
 from probe_core.paths import confine
 from schemas import JobList, JobStatus, ProbeJob, ProbeRequest
 from service.auth import get_settings, require_token
+from service.errors import error_response
 from service.settings import Settings
 from service.store import Conflict, IdempotencyConflict, JobStore, NotFound, QueueFull
 
-router = APIRouter(prefix="/probes", tags=["probes"], dependencies=[Depends(require_token)])
+router = APIRouter(prefix="/probes", tags=["probes"], dependencies=[Depends(require_token)],
+                   responses={401: error_response("Missing or wrong bearer token")})
 
 RETRY_AFTER_QUEUED_S = "2"
 RETRY_AFTER_RUNNING_S = "1"
 RETRY_AFTER_FULL_S = "10"
-_ERR = {"description": "Error", "content": {"application/json": {"example": {"detail": "..."}}}}
+_400 = {400: error_response("The body is not parseable JSON")}
+_404 = {404: error_response("No job with this id")}
+_409 = {409: error_response("Conflict with the job's state or the Idempotency-Key")}
+_SUBMIT = {413: error_response("Body too large (ENTROPY_PROBE_MAX_BODY_BYTES)"),
+           415: error_response("The body is not JSON (Content-Type)"),
+           422: error_response("Invalid request: field-level errors"),
+           429: error_response("Queue full; see Retry-After")}
 
 
 def get_store(request: Request) -> JobStore:
@@ -51,7 +62,7 @@ def _not_found(job_id: str) -> HTTPException:
 
 
 @router.post("", status_code=202, response_model=ProbeJob,
-             responses={400: _ERR, 409: _ERR, 413: _ERR, 415: _ERR, 422: _ERR, 429: _ERR})
+             responses={**_400, **_409, **_SUBMIT})
 def submit(req: ProbeRequest, response: Response, store: JobStore = Depends(get_store),
            settings: Settings = Depends(get_settings),
            idempotency_key: str | None = Header(None, max_length=255)) -> ProbeJob:
@@ -68,20 +79,26 @@ def submit(req: ProbeRequest, response: Response, store: JobStore = Depends(get_
     return job
 
 
-@router.get("", response_model=JobList, responses={404: _ERR})
-def list_jobs(status: JobStatus | None = None, limit: int = Query(20, ge=1, le=100),
-              after: str | None = Query(None, description="Id of the last job of the previous "
-                                        "page."),
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")      # a misspelt filter is an error, not ignored
+
+    status: JobStatus | None = None
+    limit: int = Field(20, ge=1, le=100)
+    after: str | None = Field(None, description="Id of the last job of the previous page.")
+
+
+@router.get("", response_model=JobList, responses={**_404, 422: _SUBMIT[422]})
+def list_jobs(query: Annotated[ListQuery, Query()],
               store: JobStore = Depends(get_store)) -> JobList:
     """Jobs, newest first."""
     try:
-        data, has_more = store.list(status, limit, after)
+        data, has_more = store.list(query.status, query.limit, query.after)
     except NotFound:
-        raise _not_found(after) from None
+        raise _not_found(query.after) from None
     return JobList(data=data, has_more=has_more)
 
 
-@router.get("/{job_id}", response_model=ProbeJob, responses={404: _ERR})
+@router.get("/{job_id}", response_model=ProbeJob, responses=_404)
 def get_job(job_id: str, response: Response, store: JobStore = Depends(get_store)) -> ProbeJob:
     """The job; `Retry-After` says when to poll again while it is unfinished."""
     try:
@@ -94,7 +111,7 @@ def get_job(job_id: str, response: Response, store: JobStore = Depends(get_store
     return job
 
 
-@router.post("/{job_id}/cancel", response_model=ProbeJob, responses={404: _ERR, 409: _ERR})
+@router.post("/{job_id}/cancel", response_model=ProbeJob, responses={**_404, **_409})
 def cancel(job_id: str, request: Request, store: JobStore = Depends(get_store)) -> ProbeJob:
     """Queued → cancelled now; running → cancelling, then cancelled at the next chunk."""
     try:
@@ -109,7 +126,7 @@ def cancel(job_id: str, request: Request, store: JobStore = Depends(get_store)) 
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response,
-               responses={404: _ERR, 409: _ERR})
+               responses={**_404, **_409})
 def delete(job_id: str, store: JobStore = Depends(get_store)) -> Response:
     """Forget a finished job and its result."""
     try:
