@@ -202,17 +202,20 @@ class _Probe:
         keep = 2 * n_units * flat.numel * 4 <= spec.host_budget_bytes
         x_units = torch.empty(n_units, flat.numel) if keep else None
         y_units = torch.empty(n_units, flat.numel) if keep else None
-        x_sum = torch.zeros(flat.numel, dtype=torch.float64)
-        y_sum = torch.zeros(flat.numel, dtype=torch.float64)
+        # Σ_u X_u, Σ_u Y_u in float64 where the unit vectors are (the device): no per-unit
+        # host arithmetic on [P] vectors while the device waits
+        sums = torch.zeros(2, flat.numel, dtype=torch.float64, device=self.device)  # [2, P]
         done = 0
         for u, chunks in enumerate(units):
             x_u, y_u, n_back = self._unit(acc, chunks, c_x, c_y, done, len(flat_chunks))
             done += len(chunks)
-            x_u, y_u = x_u.cpu(), y_u.cpu()
-            x_sum += x_u
-            y_sum += y_u
+            sums[0] += x_u
+            sums[1] += y_u
             if keep:
-                x_units[u], y_units[u] = x_u, y_u
+                x_units[u].copy_(x_u)
+                y_units[u].copy_(y_u)
+        x_sum, y_sum = sums.cpu()
+        del sums
         self._finish("gradients")
 
         # 3. the AdamW step and δH₁
