@@ -10,7 +10,6 @@ import math
 from typing import Any
 
 from fastapi import Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -50,31 +49,41 @@ def _is_json(content_type: str | None) -> bool:
         subtype == "json" or subtype.endswith("+json"))
 
 
-def _safe(value: Any) -> Any:
-    """JSON-ready `value` whose strings UTF-8 can encode (a lone surrogate becomes '\\ud800')
-    and whose numbers JSON can carry (NaN and inf become the strings 'nan' and 'inf')."""
+def _safe(value: Any, depth: int = 0) -> Any:
+    """JSON-ready `value` whose strings UTF-8 can encode (a lone surrogate becomes '\\ud800'),
+    whose numbers JSON can carry (NaN and inf become 'nan' and 'inf'), cut below depth 32."""
     if isinstance(value, str):
         return printable(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if depth >= 32:
+        return "..."
     if isinstance(value, dict):
-        return {printable(str(k)): _safe(v) for k, v in value.items()}
+        return {printable(str(k)): _safe(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_safe(v) for v in value]
-    return value
+        return [_safe(v, depth + 1) for v in value]
+    return printable(str(value))
+
+
+def _small(value: Any) -> bool:
+    """Whether `value` is short enough to repeat back in a 422 (a deep one is not)."""
+    try:
+        return len(json.dumps(value, default=str)) <= MAX_ECHO_CHARS
+    except (ValueError, TypeError, RecursionError):
+        return False
 
 
 def _entry(error: dict) -> dict:
     out = {"type": error["type"], "loc": _safe(list(error["loc"])),
            "msg": _safe(error["msg"])}
     # The whole body (loc ["body"]) or a long field is not repeated back; the loc names it.
-    if len(out["loc"]) > 1 and "input" in error:
-        echo = _safe(jsonable_encoder(error["input"]))
-        if len(json.dumps(echo)) <= MAX_ECHO_CHARS:
-            out["input"] = echo
+    if len(out["loc"]) > 1 and "input" in error and _small(error["input"]):
+        out["input"] = _safe(error["input"])
     ctx = {k: v for k, v in (error.get("ctx") or {}).items() if not isinstance(v, Exception)}
     if ctx:
-        out["ctx"] = _safe(jsonable_encoder(ctx))
+        out["ctx"] = _safe(ctx)
     return out
 
 

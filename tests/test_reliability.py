@@ -310,12 +310,15 @@ def test_bodies_that_are_not_json_objects(server, tiny_checkpoint):
     cases = [("text/plain", valid, 415), (None, valid, 415),
              ("application/x-www-form-urlencoded", b"a=b", 415),
              ("application/json", b"\xff\xfe\xfd", 400),
-             ("application/json", b"[" * 5000 + b"]" * 5000, 400)]
+             ("application/json", b"[" * 5000 + b"]" * 5000, 400),
+             # Deep, but within the JSON parser's limit: validation and the 422 echo cope.
+             ("application/json", json.dumps(dict(prompts_request(tiny_checkpoint), prompts=[
+                 json.loads("[" * 900 + '"x"' + "]" * 900)])).encode(), 422)]
     for content_type, content, status in cases:
         headers = {"content-type": content_type} if content_type else {}
         r = request(server, "POST", "/probes", content=content, headers=headers)
         assert r.status_code == status, (content_type, content[:20], r.text[:300])
-        assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+        assert r.json()["detail"]
 
 
 def test_odd_query_strings_and_ids(server):
@@ -366,6 +369,27 @@ def test_symlinks_that_leave_the_roots_are_refused(server, tiny_checkpoint, brok
         [err] = r.json()["detail"]
         assert err["loc"] == ["body", "checkpoint", loc] and "outside" in err["msg"]
         assert str(broken["outside"]) not in r.text     # the target is never named
+
+
+def test_save_updated_adapter_never_overwrites_a_checkpoint(server, tiny_checkpoint, broken):
+    base, adapter = tiny_checkpoint
+    before = {p.name: p.read_bytes() for p in Path(adapter).iterdir() if p.is_file()}
+    for target, words in ((adapter, "already holds"), (base, "already holds"),
+                          (str(Path(adapter) / "optimizer.pt"), "existing file")):
+        body = prompts_request(tiny_checkpoint, save_updated_adapter_to=target)
+        r = request(server, "POST", "/probes", json=body)
+        assert r.status_code == 422, (target, r.text)
+        [err] = r.json()["detail"]
+        assert err["loc"] == ["body", "save_updated_adapter_to"] and words in err["msg"]
+    fresh = str(broken["root"] / "saved-once")
+    body = prompts_request(tiny_checkpoint, save_updated_adapter_to=fresh)
+    job = wait_job(server, request(server, "POST", "/probes", json=body).json()["id"])
+    FIGURES["jobs_accepted"] += 1
+    assert job.status == JobStatus.succeeded, job.error
+    assert job.result.updated_adapter and (Path(fresh) / "adapter_config.json").is_file()
+    again = request(server, "POST", "/probes", json=body)      # it holds an adapter now
+    assert again.status_code == 422 and "already holds" in again.text
+    assert {p.name: p.read_bytes() for p in Path(adapter).iterdir() if p.is_file()} == before
 
 
 # -- 2. runtime faults become failed jobs; the service goes on --------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
@@ -46,15 +47,32 @@ def _check_paths(req: ProbeRequest, roots: list[str]) -> None:
         if path is None:
             continue
         try:
-            confine(path, roots, what=loc[-1], must_exist=must_exist)
+            resolved = confine(path, roots, what=loc[-1], must_exist=must_exist)
         except ProbeError as exc:
             errors.append({"type": exc.code, "loc": ["body", *loc], "msg": exc.message,
                            "input": path})
+            continue
         except (ValueError, UnicodeError):      # the schema refuses these; never a 500
             errors.append({"type": "invalid_request", "loc": ["body", *loc],
                            "msg": f"{loc[-1]} is not a valid file name"})
+            continue
+        if loc == ("save_updated_adapter_to",) and (problem := _overwrites(resolved)):
+            errors.append({"type": "invalid_request", "loc": ["body", *loc], "input": path,
+                           "msg": f"save_updated_adapter_to {problem}; name a new directory"})
     if errors:
         raise HTTPException(422, detail=errors)
+
+
+def _overwrites(path: str) -> str | None:
+    """Why writing an adapter to `path` would destroy something (a file, or a directory that
+    holds a model or adapter, such as the checkpoint being probed), else None."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is an existing file"
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, name)) for name in (
+            "config.json", "adapter_config.json", "adapter_model.safetensors",
+            "model.safetensors", "optimizer.pt")):
+        return "already holds a model or adapter that the probe would overwrite"
+    return None
 
 
 def _not_found(job_id: str) -> HTTPException:
