@@ -133,3 +133,23 @@ def test_probe_numbers_do_not_depend_on_the_gradient_method(ckpt, mode):
     assert h.realized.main[1].delta_h == pytest.approx(t.realized.main[1].delta_h, rel=1e-3,
                                                        abs=1e-7)
     assert h.passes.backward * 2 == t.passes.backward
+
+
+def test_hooks_backward_stops_at_the_lora_a_outputs(ckpt):
+    """The backward is asked for the LoRA A outputs only: autograd computes no weight gradient
+    of its own (the hooks compute them, weighted) and nothing below the first LoRA layer."""
+    base, adapter = ckpt
+    with open_checkpoint(CheckpointSpec(base, adapter), RuntimeOptions(device="cpu"),
+                         torch.device("cpu"), ModelCache()) as ck:
+        batch, _ = from_client(_rollouts(ck.tokenizer, 2), ck.tokenizer, ck.model, "raw")
+        forcer = TeacherForcer(ck.model, batch, 1.0, torch.device("cpu"), None)
+        flat = FlatParams.of([p for _, p in ck.params])
+        acc = GradientAccumulator(forcer, ck.model, flat, "hooks")
+        with acc.capture:
+            forcer.logprobs(torch.arange(3), grad=True)
+        inputs = acc.capture.backward_inputs()
+        n_lora_a = sum(1 for n, m in ck.model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and ".lora_A." in n + ".")
+        assert len(inputs) == n_lora_a > 0
+        assert not any(isinstance(t, torch.nn.Parameter) for t in inputs)
+        assert all(t.shape[-1] == 4 for t in inputs)           # [n, T, r], r = lora_rank
