@@ -16,6 +16,7 @@ into $OUT/gpu_check.json (or --out). Imports probe_core and bench only (no fasta
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -95,9 +96,14 @@ def build_checkpoint(shape: Shape, out: str, device: torch.device) -> tuple[str,
     return base, adapter
 
 
+@functools.lru_cache
+def _eos_id(vocab: int) -> int:
+    return build_tokenizer(TinyConfig(vocab_size=vocab)).eos_token_id
+
+
 def spec_for(base: str, adapter: str, shape: Shape, prompts: int, microbatch: int
              ) -> ProbeSpec:
-    eos = build_tokenizer(TinyConfig(vocab_size=shape.vocab)).eos_token_id
+    eos = _eos_id(shape.vocab)
     return ProbeSpec(checkpoint=CheckpointSpec(base, adapter),
                      rollouts=client_rollouts(prompts, shape.group, shape.tokens, shape.vocab,
                                               seed=prompts, eos_id=eos),
