@@ -6,6 +6,7 @@ printed at the end of the module."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -828,13 +829,18 @@ def test_restart_skips_damaged_job_files(start_server, tiny_checkpoint, tmp_path
     done_id = request(first, "POST", "/probes", json=prompts_request(tiny_checkpoint)).json()["id"]
     done = wait_job(first, done_id)
     assert done.status == JobStatus.succeeded
-    first.stop()
+    slow_id = request(first, "POST", "/probes", json=slow_request(tiny_checkpoint)).json()["id"]
+    queued_id = request(first, "POST", "/probes", json=prompts_request(tiny_checkpoint,
+                                                                       seed=8)).json()["id"]
+    wait_running(first, slow_id)
+    first.stop()                                    # SIGTERM: a graceful stop mid-job
+    FIGURES["faults"] += 1
 
     jobs = state / "jobs"
     good = (jobs / f"{done_id}.json").read_text()
     record = json.loads(good)
     record["job"].update(id="copied-running", status="running", result=None, finished_at=None)
-    record["seq"] += 1
+    record["seq"] += 10
     (jobs / "copied-running.json").write_text(json.dumps(record))
     damaged = {"truncated": good[: len(good) // 2], "array": "[]", "empty": "",
                "no-seq": json.dumps({"job": record["job"]}), "bad-job": json.dumps(
@@ -851,13 +857,70 @@ def test_restart_skips_damaged_job_files(start_server, tiny_checkpoint, tmp_path
         done.model_dump_json())["result"]
     copied = request(second, "GET", "/probes/copied-running").json()
     assert copied["status"] == "failed" and copied["error"]["code"] == "interrupted"
+    for job_id in (slow_id, queued_id):            # neither finished nor silently dropped
+        job = request(second, "GET", f"/probes/{job_id}").json()
+        assert job["status"] == "failed" and job["error"]["code"] == "interrupted", job
     listed = {j["id"] for j in request(second, "GET", "/probes").json()["data"]}
-    assert listed == {done_id, "copied-running"}
+    assert listed == {done_id, "copied-running", slow_id, queued_id}
     for name in damaged:
         assert (jobs / f"{name}.corrupt").exists() and not (jobs / f"{name}.json").exists()
     assert not (jobs / "leftover.json.tmp").exists()
     log = second.read_log()
     assert log.count("skipping unreadable job file") == len(damaged), log[-3000:]
     new = request(second, "POST", "/probes", json=prompts_request(tiny_checkpoint, seed=3))
-    FIGURES["jobs_accepted"] += 2
+    FIGURES["jobs_accepted"] += 4
     assert wait_job(second, new.json()["id"]).status == JobStatus.succeeded
+
+
+# -- an unexpected error is a plain 500, and the connection stays usable -----------------------
+
+def test_unexpected_error_is_a_plain_500_on_a_live_connection():
+    """RequestId answers an exception that escapes the app itself. Starlette's outermost handler
+    would answer and re-raise it, and uvicorn then closes the keep-alive connection, which a
+    client that already sent its next request sees as a reset."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from conftest import free_port
+    from service.middleware import RequestId
+
+    app = FastAPI()
+
+    @app.get("/boom")
+    def boom() -> dict:
+        raise RuntimeError(f"secret detail from {__file__}")
+
+    @app.get("/ok")
+    def ok() -> dict:
+        return {"ok": True}
+
+    app.add_middleware(RequestId)
+    escaped: list[str] = []            # uvicorn logs, then closes the connection, on these
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            escaped.append(record.getMessage())
+
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    handler = Collect(level=logging.ERROR)
+    uvicorn_log.addHandler(handler)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            deadline = time.monotonic() + 30
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for _ in range(3):
+                r = client.get("/boom", headers={"x-request-id": "req-1"})
+                assert r.status_code == 500 and r.json() == {
+                    "detail": "internal server error", "request_id": "req-1"}
+                assert "secret" not in r.text and r.headers["x-request-id"] == "req-1"
+                assert client.get("/ok").json() == {"ok": True}    # same pooled connection
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        uvicorn_log.removeHandler(handler)
+    assert not any("Exception in ASGI application" in m for m in escaped), escaped
