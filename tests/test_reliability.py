@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from conftest import Server
 from schemas import ErrorCode, JobStatus, ProbeJob, ProbeRequest
 from service.worker import FAULT_SEED
-from test_service import JOB_TIMEOUT_S, poll, quick_request, slow_request, wait_running
+from test_service import poll, quick_request, slow_request, wait_running
 
 TOKEN = "reliability-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -54,10 +54,11 @@ def report_figures(request):
 
 def private_paths(server: Server) -> list[str]:
     """Host paths a client did not send and must never see: the server's working and state
-    directories, the source tree, the interpreter, the user's cache."""
+    directories, the source tree, the interpreter, the user's cache, and any the test adds
+    (`server.private`, e.g. where symlinks in a root lead)."""
     return [str(server.cwd), str(Path(server.env["ENTROPY_PROBE_STATE_DIR"]).resolve()),
             os.path.dirname(os.path.dirname(os.path.abspath(__file__))), sys.prefix,
-            sys.base_prefix, os.path.expanduser("~/.cache")]
+            sys.base_prefix, os.path.expanduser("~/.cache"), *getattr(server, "private", [])]
 
 
 def assert_clean(text: str, server: Server) -> None:
@@ -154,6 +155,7 @@ def server(tmp_path_factory, tiny_checkpoint, broken):
     roots = os.pathsep.join([os.path.dirname(tiny_checkpoint[0]), str(broken["root"])])
     srv = Server(tmp, tmp / "state", roots, TOKEN, fault_hook="oom:teacher_forcing",
                  max_trainable_params=str(broken["limit"]), max_body_bytes="100000")
+    srv.private = [str(broken["outside"])]
     try:
         srv.wait_ready()
         yield srv
@@ -355,6 +357,33 @@ def test_chunked_body_over_the_limit_is_413(server):
     assert r.status_code == 413 and "ENTROPY_PROBE_MAX_BODY_BYTES" in r.json()["detail"]
 
 
+def test_broken_http_then_the_server_still_serves(server):
+    """Half-sent bodies, garbage request lines, a client that vanishes mid-request."""
+    import socket
+    port = int(server.url.rsplit(":", 1)[1])
+    payloads = [
+        b"POST /probes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n{\"checkpoint\": ",                # then hang up
+        b"GARBAGE\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost x\r\n\r\n",                        # header without ':'
+        b"POST /probes HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"\x00\xff" * 100,
+    ]
+    for payload in payloads:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                reply = sock.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                reply = b""
+        FIGURES["requests"] += 1
+        assert not reply.startswith(b"HTTP/1.1 5"), (payload[:40], reply[:200])
+        assert b"Traceback" not in reply
+    assert request(server, "GET", "/healthz").status_code == 200
+    assert request(server, "GET", "/probes").status_code == 200
+
+
 # -- 3. security: roots, symlinks, pickles, remote code ---------------------------------------
 
 def test_symlinks_that_leave_the_roots_are_refused(server, tiny_checkpoint, broken):
@@ -501,57 +530,6 @@ def _hypothesis(examples: int):
                     suppress_health_check=list(HealthCheck), print_blob=True)
 
 
-def test_openapi_fuzz_no_5xx_and_responses_match_the_schema(fuzz_server):
-    import schemathesis
-    from hypothesis.errors import Unsatisfiable
-    from schemathesis import GenerationMode
-    from schemathesis.checks import (content_type_conformance, negative_data_rejection,
-                                     not_a_server_error, response_schema_conformance,
-                                     status_code_conformance)
-    from schemathesis.config import SchemathesisConfig
-
-    checks = [not_a_server_error, response_schema_conformance, status_code_conformance,
-              content_type_conformance, negative_data_rejection]
-    config = SchemathesisConfig.from_dict({"auth": {"openapi": {"HTTPBearer": {
-        "bearer": TOKEN}}}})
-    schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json", config=config)
-    failures: dict[str, str] = {}
-    statuses: Counter = Counter()
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 8
-    for op in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            # Negative cases keep the token: they mutate the request, not the credentials
-            # (test_auth_is_never_a_500 covers those).
-            strategy = op.as_strategy(generation_mode=mode, headers=AUTH if mode ==
-                                      GenerationMode.NEGATIVE else None)
-
-            @_hypothesis(FUZZ_EXAMPLES)
-            @given(case=strategy)
-            def run(case):
-                response = case.call(base_url=fuzz_server.url, timeout=30)
-                FIGURES["requests"] += 1
-                FIGURES["fuzz_requests"] += 1
-                statuses[(op.label, response.status_code)] += 1
-                assert_clean(response.text, fuzz_server)
-                try:
-                    case.validate_response(response, checks=checks)
-                except BaseException as exc:     # schemathesis raises an exception group
-                    failures.setdefault(f"{op.label} {mode.value}: {str(exc)[:200]}",
-                                        str(exc)[:2000])
-
-            try:
-                run()
-            except Unsatisfiable:                 # e.g. no way to break a route without inputs
-                assert mode == GenerationMode.NEGATIVE
-    print(f"\n[fuzz] {sum(statuses.values())} requests by status: "
-          f"{dict(Counter(code for (_, code) in statuses.elements()))}")
-    FIGURES["failures"] += len(failures)
-    assert not failures, "\n\n".join(failures.values())
-    assert not any(code >= 500 for (_, code) in statuses)
-    assert _accepted_jobs_finish(fuzz_server) >= 0
-
-
 def _accepted_jobs_finish(server: Server) -> int:
     """Every job the server accepted is listed and reaches a finished state. Returns how many."""
     ids, after = [], None
@@ -605,7 +583,7 @@ def _mutate(data, body: dict) -> tuple[dict, tuple]:
     return body, where
 
 
-def test_mutated_requests_get_exactly_the_schema_verdict(fuzz_server):
+def test_mutated_requests_get_exactly_the_schema_verdict(fuzz_server):   # before the next
     """Each request is a valid one with one value replaced, removed or added. The server must
     agree with ProbeRequest on it: valid → 202 (or 429, or 422 for a path), invalid → 422;
     never a 5xx, never a leak. Raw bytes cut or flipped at random never make a 5xx either."""
@@ -661,6 +639,66 @@ def test_mutated_requests_get_exactly_the_schema_verdict(fuzz_server):
     print(f"\n[mutations] (schema-valid, status) counts: {dict(seen)}; "
           f"{accepted} accepted jobs all finished")
     assert seen[(False, 422)] > MUTATIONS // 4         # the fuzz really sent invalid requests
+
+
+def _fuzz_operation(op, mode, server: Server, failures: dict, statuses: Counter) -> None:
+    """Up to FUZZ_EXAMPLES generated requests for one operation; checks run on each answer."""
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+    from schemathesis.checks import (content_type_conformance, negative_data_rejection,
+                                     not_a_server_error, response_schema_conformance,
+                                     status_code_conformance)
+    from schemathesis.core.failures import Failure, FailureGroup
+
+    checks = [not_a_server_error, response_schema_conformance, status_code_conformance,
+              content_type_conformance, negative_data_rejection]
+    negative = mode == GenerationMode.NEGATIVE
+    # Negative cases keep the token: they break the request, not the credentials
+    # (test_auth_is_never_a_500 covers those).
+    strategy = op.as_strategy(generation_mode=mode, headers=AUTH if negative else None)
+
+    @_hypothesis(FUZZ_EXAMPLES)
+    @given(case=strategy)
+    def run(case) -> None:
+        response = case.call(base_url=server.url, timeout=30)
+        FIGURES["requests"] += 1
+        FIGURES["fuzz_requests"] += 1
+        statuses[(op.label, response.status_code)] += 1
+        assert_clean(response.text, server)
+        try:
+            case.validate_response(response, checks=checks)
+        except (Failure, FailureGroup) as exc:     # collected: one report for all of them
+            failures.setdefault(f"{op.label} {mode.value}: {str(exc)[:200]}", str(exc)[:2000])
+
+    try:
+        run()
+    except Unsatisfiable:                 # no way to break a route that takes no input
+        assert negative
+
+
+def test_openapi_fuzz_no_5xx_and_responses_match_the_schema(fuzz_server):
+    """Schemathesis, from /openapi.json: no 5xx; every status code, content type and body is
+    the documented one; requests that break the schema are refused."""
+    import schemathesis
+    from schemathesis import GenerationMode
+    from schemathesis.config import SchemathesisConfig
+
+    config = SchemathesisConfig.from_dict({"auth": {"openapi": {"HTTPBearer": {
+        "bearer": TOKEN}}}})
+    schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json", config=config)
+    failures: dict[str, str] = {}
+    statuses: Counter = Counter()
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 8
+    for op in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            _fuzz_operation(op, mode, fuzz_server, failures, statuses)
+    print(f"\n[fuzz] {sum(statuses.values())} requests by status: "
+          f"{dict(Counter(code for (_, code) in statuses.elements()))}")
+    FIGURES["failures"] += len(failures)
+    assert not failures, "\n\n".join(failures.values())
+    assert not any(code >= 500 for (_, code) in statuses)
+    assert _accepted_jobs_finish(fuzz_server) > 0    # the lists it checked held real jobs
 
 
 # -- 4b. load: pollers and submitters against one server, nothing lost -------------------------
@@ -953,30 +991,3 @@ def test_unexpected_error_is_a_plain_500_on_a_live_connection():
         thread.join(10)
         uvicorn_log.removeHandler(handler)
     assert not any("Exception in ASGI application" in m for m in escaped), escaped
-
-
-def test_broken_http_then_the_server_still_serves(server):
-    """Half-sent bodies, garbage request lines, a client that vanishes mid-request."""
-    import socket
-    port = int(server.url.rsplit(":", 1)[1])
-    payloads = [
-        b"POST /probes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 1000\r\n\r\n{\"checkpoint\": ",                # then hang up
-        b"GARBAGE\r\n\r\n",
-        b"GET /healthz HTTP/1.1\r\nHost x\r\n\r\n",                        # header without ':'
-        b"POST /probes HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-        b"\x00\xff" * 100,
-    ]
-    for payload in payloads:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-            try:
-                reply = sock.recv(65536)
-            except (ConnectionResetError, socket.timeout):
-                reply = b""
-        FIGURES["requests"] += 1
-        assert not reply.startswith(b"HTTP/1.1 5"), (payload[:40], reply[:200])
-        assert b"Traceback" not in reply
-    assert request(server, "GET", "/healthz").status_code == 200
-    assert request(server, "GET", "/probes").status_code == 200
