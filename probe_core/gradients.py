@@ -14,6 +14,7 @@ Two ways to get both weighted sums from one graph:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -60,9 +61,11 @@ class _LinearGradCapture:
                 self.layers.append((module, where[id(module.weight)]))
         self.coef: torch.Tensor | None = None      # [2, n]
         self.acc: torch.Tensor | None = None       # [2, P] device accumulator
-        # this chunk's hooked outputs by id: (output, weight, whether its input was one)
-        self._outputs: dict[int, tuple[torch.Tensor, torch.nn.Parameter, bool]] = {}
-        self._feeding: set[int] = set()            # ids of outputs another hooked layer read
+        # this chunk's hooked outputs, in call order: (weak ref, weight, whether its input was
+        # one); weak, so that outputs no hooked layer reads (LoRA B, [n, T, d_out]) are not kept
+        self._outputs: list[tuple[weakref.ref, torch.nn.Parameter, bool]] = []
+        self._index: dict[int, int] = {}              # id(output) → position in _outputs
+        self._feeding: dict[int, torch.Tensor] = {}   # position → output a hooked layer read
 
     @staticmethod
     def applicable(flat: FlatParams, model: torch.nn.Module) -> bool:
@@ -77,8 +80,7 @@ class _LinearGradCapture:
         return all(id(p) in covered and id(p) not in head_params for p in flat.params)
 
     def __enter__(self):
-        self._outputs.clear()
-        self._feeding.clear()
+        self._clear()
         for module, k in self.layers:
             self.handles.append(module.register_forward_hook(self._forward_hook(k)))
         return self
@@ -90,21 +92,30 @@ class _LinearGradCapture:
 
     def backward_inputs(self) -> list[torch.Tensor]:
         """What autograd.grad must reach so that every hooked output's gradient is computed."""
-        out = [t if key in self._feeding else w for key, (t, w, fed) in self._outputs.items()
-               if key in self._feeding or not fed]
-        self._outputs.clear()
-        self._feeding.clear()
+        out, weights = list(self._feeding.values()), set()
+        for k, (_, w, fed) in enumerate(self._outputs):
+            if not fed and k not in self._feeding and id(w) not in weights:
+                out.append(w)                   # a hooked layer that stands alone
+                weights.add(id(w))
+        self._clear()
         return out
+
+    def _clear(self) -> None:
+        self._outputs.clear()
+        self._index.clear()
+        self._feeding.clear()
 
     def _forward_hook(self, k: int):
         def hook(module, inputs, output):
             if not output.requires_grad:
                 return
             x = inputs[0]
-            fed = id(x) in self._outputs       # fed by another hooked layer (LoRA B after A)
+            k_in = self._index.get(id(x))
+            fed = k_in is not None and self._outputs[k_in][0]() is x   # B reading A's output
             if fed:
-                self._feeding.add(id(x))
-            self._outputs[id(output)] = (output, module.weight, fed)
+                self._feeding[k_in] = x
+            self._index[id(output)] = len(self._outputs)
+            self._outputs.append((weakref.ref(output), module.weight, fed))
             x = x.detach()                                                # [n, T, d_in]
             output.register_hook(lambda g: self._add(k, x, g))
         return hook

@@ -153,3 +153,30 @@ def test_hooks_backward_stops_at_the_lora_a_outputs(ckpt):
         assert len(inputs) == n_lora_a > 0
         assert not any(isinstance(t, torch.nn.Parameter) for t in inputs)
         assert all(t.shape[-1] == 4 for t in inputs)           # [n, T, r], r = lora_rank
+
+
+def test_hooks_on_plain_linear_weights_equal_two_backward(ckpt):
+    """Trainable weights of ordinary bias-free Linear layers (no LoRA chain): the backward
+    reaches their weights, and X_u, Y_u still equal the two-backward reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, _ = ckpt
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(("q_proj.weight", "down_proj.weight")))
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch, _ = from_client(_rollouts(tok, 2), tok, model, "raw")
+    forcer = TeacherForcer(model, batch, 1.0, torch.device("cpu"), None)
+    flat = FlatParams.of(params)
+    c_x = torch.linspace(-1, 1, batch.num_sequences, dtype=torch.float64)
+    c_y = torch.linspace(2, -1, batch.num_sequences, dtype=torch.float64)
+    chunks = unit_chunks(batch.num_prompts, G, 1, 3)[0]
+    hooks = GradientAccumulator(forcer, model, flat, "hooks")
+    with hooks.capture:
+        forcer.logprobs(chunks[0], grad=True)
+    assert all(isinstance(t, torch.nn.Parameter) for t in hooks.capture.backward_inputs())
+    xh, yh, _ = hooks.unit(chunks, c_x, c_y)
+    xt, yt, _ = GradientAccumulator(forcer, model, flat, "two_backward").unit(chunks, c_x, c_y)
+    torch.testing.assert_close(xh, xt, rtol=1e-5, atol=1e-6 * float(xt.abs().max()))
+    torch.testing.assert_close(yh, yt, rtol=1e-5, atol=1e-6 * float(yt.abs().max()))
