@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -62,6 +63,18 @@ def _check_group(k: int, group: dict) -> None:
         raise UnsupportedOptimizer("maximize=True is not supported")
     if group.get("decoupled_weight_decay") is False and group["weight_decay"] != 0:
         raise UnsupportedOptimizer("this is torch.optim.Adam with L2 weight decay, not AdamW")
+    try:
+        betas = [float(b) for b in group["betas"]]
+        scalars = [float(group[key]) for key in ("lr", "eps", "weight_decay")]
+    except (TypeError, ValueError) as exc:
+        raise CheckpointInvalid(f"param_groups[{k}] has a non-numeric lr, betas, eps or "
+                                "weight_decay") from exc
+    if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)
+            and all(math.isfinite(x) and x >= 0.0 for x in scalars)):
+        raise CheckpointInvalid(f"param_groups[{k}] has lr={group['lr']}, betas={group['betas']}, "
+                                f"eps={group['eps']}, weight_decay={group['weight_decay']}: AdamW "
+                                "needs finite non-negative lr, eps and weight_decay and betas in "
+                                "[0, 1)")
 
 
 # Trainer.get_decay_parameter_names: transformers >= 4.50 keeps biases and norms (by name or

@@ -10,6 +10,8 @@ MAX_NEW_TOKENS_LIMIT = 8192
 MAX_SEQUENCES = 65536
 MAX_PATH_CHARS = 4096
 MAX_TOKEN_ID = 2**31 - 1
+MAX_ABS_REWARD = 1e6
+MIN_TEMPERATURE = 1e-3       # logits / τ must stay finite in float32 and bfloat16
 
 
 class _Strict(BaseModel):
@@ -74,7 +76,9 @@ class Rollout(_Strict):
     prompt: str = Field(min_length=1)
     responses: list[str | list[TokenId]] = Field(
         min_length=2, description="G ≥ 2 responses: text, or token ids (non-negative).")
-    rewards: list[float] = Field(description="One finite reward per response.")
+    rewards: list[Annotated[float, Field(ge=-MAX_ABS_REWARD, le=MAX_ABS_REWARD)]] = Field(
+        description="One reward per response, |r| ≤ 1e6 (larger ones overflow float32 "
+        "gradients: rescale them).")
 
     @model_validator(mode="after")
     def _rewards_match(self) -> Rollout:
@@ -90,7 +94,7 @@ class Rollout(_Strict):
 
 class GenerationSpec(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS_LIMIT)
-    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=MAX_TOKEN_ID, description="0 disables top-k.")
     batch_size: int = Field(16, ge=1, le=4096,
@@ -105,7 +109,7 @@ class ObjectiveSpec(_Strict):
     advantage: Literal["mean_centered", "standardized"] = "mean_centered"
     length_norm: Literal["constant", "group_max", "per_sequence"] = "constant"
     length_norm_constant: float | None = Field(
-        None, gt=0.0, description="C for length_norm=constant; default max_new_tokens "
+        None, ge=1e-3, description="C for length_norm=constant; default max_new_tokens "
         "(or the longest response for client rollouts).")
 
 

@@ -7,6 +7,7 @@ import math
 from importlib import metadata
 
 from probe_core import spec as core
+from probe_core.errors import InvalidRequest
 from probe_core.outcome import ProbeOutcome
 from schemas import ProbeRequest, ProbeResult
 from schemas import result as wire
@@ -74,8 +75,14 @@ def _realized(out: ProbeOutcome) -> wire.Realized | None:
 
 
 def to_result(out: ProbeOutcome) -> ProbeResult:
-    """ProbeOutcome → ProbeResult (validated by pydantic on construction)."""
+    """ProbeOutcome → ProbeResult (validated by pydantic on construction). A δH₁ that is not
+    a number is an error, not a result: clamped, it would read as a real estimate."""
     d, u = out.delta_h1, out.delta_h1.u_plain
+    if not math.isfinite(d.total):
+        raise InvalidRequest(
+            f"δH₁ came out {d.total}: the step overflowed the model's precision; scale the "
+            "rewards or the lr down, raise length_norm_constant, or check the optimizer "
+            "state's lr/eps", phase="step")
     mem = out.memory
     return ProbeResult(
         delta_h1=wire.DeltaH1(
@@ -88,7 +95,9 @@ def to_result(out: ProbeOutcome) -> ProbeResult:
                 se_jackknife=_finite(u.se_jackknife),
                 zeta1_jackknife=_finite(u.zeta1_jackknife))),
         realized=_realized(out),
-        batch=wire.BatchSummary(**dataclasses.asdict(out.batch)),
+        batch=wire.BatchSummary(**{**dataclasses.asdict(out.batch),
+                                   "reward_mean": _num(out.batch.reward_mean),
+                                   "mean_response_tokens": _num(out.batch.mean_response_tokens)}),
         proxies=wire.Proxies(cov_logp_advantage=_num(out.proxy.value),
                              cov_logp_advantage_se=_finite(out.proxy.se),
                              predicted_delta_h=_num(-out.proxy_lr * out.proxy.value)),

@@ -125,6 +125,13 @@ def broken(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
     (adapter_copy("truncated_optimizer") / "optimizer.pt").write_bytes(real[:len(real) // 2])
     torch.save({"state": {}, "param_groups": [], "x": _MarkerOnLoad(str(d["marker"]))},
                adapter_copy("pickle_optimizer") / "optimizer.pt")
+    state = torch.load(adapter / "optimizer.pt", weights_only=True)
+    state["param_groups"][0]["eps"] = float("inf")
+    torch.save(state, adapter_copy("inf_eps_optimizer") / "optimizer.pt")
+    state = torch.load(adapter / "optimizer.pt", weights_only=True)
+    for moments in state["state"].values():          # a run that diverged before it was saved
+        moments["exp_avg"].fill_(float("nan"))
+    torch.save(state, adapter_copy("nan_moments_optimizer") / "optimizer.pt")
     (adapter_copy("garbage_adapter") / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     (adapter_copy("garbage_adapter_config") / "adapter_config.json").write_text("{not json")
     (base_copy("garbage_tokenizer") / "tokenizer.json").write_text("{not json")
@@ -441,6 +448,11 @@ def _broken_jobs(ck: tuple[str, str], b: dict) -> list[tuple[str, dict, str, str
         ("another adapter's optimizer state", {"base_model": base, "adapter": adapter,
                                                "optimizer": str(r / "rank8/adapter/optimizer.pt")},
          "optimizer_state_mismatch", "load", "lora_A"),
+        ("optimizer with eps=inf", {"base_model": base, "adapter": str(r / "inf_eps_optimizer")},
+         "checkpoint_invalid", "load", "eps=inf"),
+        ("optimizer state with NaN moments", {"base_model": base,
+                                              "adapter": str(r / "nan_moments_optimizer")},
+         "invalid_request", "step", "came out nan"),
         ("adapter of another base", {"base_model": str(r / "wide/base"), "adapter": adapter},
          "adapter_base_mismatch", "load", "adapter"),
         ("no adapter, too many parameters", {"base_model": base},
@@ -991,3 +1003,24 @@ def test_unexpected_error_is_a_plain_500_on_a_live_connection():
         thread.join(10)
         uvicorn_log.removeHandler(handler)
     assert not any("Exception in ASGI application" in m for m in escaped), escaped
+
+
+def test_a_result_that_does_not_fit_the_schema_fails_the_job_and_frees_the_worker(tmp_path):
+    """Were the supervisor to stop on such a result, the job would stay `running` and every
+    later one `queued`, for ever. Real store, real supervisor (its worker is never started)."""
+    from schemas import ProbeRequest as Req
+    from service import worker as w
+    from service.metrics import Metrics
+    from service.store import JobStore
+    from service.supervisor import Supervisor
+
+    store = JobStore(tmp_path / "state")
+    body = prompts_request(("base", "adapter"))
+    ids = [store.create(Req.model_validate(dict(body, seed=s)), None, 8)[0].id for s in (1, 2)]
+    sup = Supervisor(store, w.WorkerConfig("cpu", (), False, 0), Metrics())
+    job_id, _ = store.take_next()
+    sup.current = job_id
+    sup._handle(None, w.JobDone(job_id, '{"delta_h1": {"total": null}}', False))
+    job = store.get(job_id)
+    assert job.status == JobStatus.failed and job.error.code == ErrorCode.internal_error
+    assert sup.current is None and store.take_next()[0] == ids[1]
