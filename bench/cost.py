@@ -178,8 +178,10 @@ def probe(spec: ProbeSpec, opts: RuntimeOptions, cache: ModelCache):
     out = run_probe(spec, opts, cache, ProbeHooks(progress=clock))
     clock.close()
     phases = {ph: (out.timing.get(ph, 0.0), clock.cpu.get(ph, 0.0)) for ph in PHASES}
-    phases["cost"] = tuple(sum(v[k] for ph, v in phases.items()
-                               if ph not in ("load", "rollouts")) for k in (0, 1))
+    # wall: total − load − rollouts, as the result reports it; CPU: the same span (the time
+    # after the last phase mark is counted in that phase by PhaseClock.close)
+    phases["cost"] = (out.timing["total"] - out.timing["load"] - out.timing["rollouts"],
+                      sum(v[1] for ph, v in phases.items() if ph not in ("load", "rollouts")))
     return out, phases
 
 
