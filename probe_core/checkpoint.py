@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -14,7 +15,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from probe_core.errors import (AdapterBaseMismatch, CheckpointInvalid, CheckpointNotFound,
-                               TokenizerError, TooManyTrainableParams)
+                               TokenizerError, TooManyTrainableParams, UnsafeCheckpoint)
 from probe_core.optimizer_state import ParamState, hf_trainer_layouts, load_state_dict, map_state
 from probe_core.paths import confine
 from probe_core.spec import CheckpointSpec, RuntimeOptions
@@ -70,6 +71,9 @@ def _load_base(path: str, device: torch.device, opts: RuntimeOptions) -> torch.n
             raise CheckpointInvalid("this model needs custom code; the server operator must set "
                                     "ENTROPY_PROBE_TRUST_REMOTE_CODE=1") from exc
         raise CheckpointInvalid(f"could not load the base model: {exc}") from exc
+    except pickle.UnpicklingError as exc:      # weights_only=True refused a .bin pickle
+        raise UnsafeCheckpoint("the base model weights are a pickle holding more than tensors; "
+                               "refusing to unpickle it (save them as safetensors)") from exc
     except (OSError, SafetensorError) as exc:
         raise CheckpointInvalid(f"could not load the base model weights: {exc}") from exc
     # CPU half precision is slow and imprecise; the GPU keeps the checkpoint dtype.
@@ -143,6 +147,9 @@ def _attach_adapter(base: torch.nn.Module, adapter: str) -> torch.nn.Module:
         model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
     except SafetensorError as exc:
         raise CheckpointInvalid(f"could not read the adapter weights: {exc}") from exc
+    except pickle.UnpicklingError as exc:      # weights_only=True refused a .bin pickle
+        raise UnsafeCheckpoint("the adapter weights are a pickle holding more than tensors; "
+                               "refusing to unpickle it (save them as safetensors)") from exc
     except (RuntimeError, ValueError, KeyError) as exc:
         raise AdapterBaseMismatch(f"the adapter does not fit this base model: "
                                   f"{str(exc).splitlines()[0][:300]}") from exc

@@ -75,11 +75,19 @@ class JobFailed:
 
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\"]+")
+_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+MAX_MESSAGE_CHARS = 2000
+
+
+def plain(message: str) -> str:
+    """A message without terminal escapes or control characters (libraries colour theirs),
+    bounded."""
+    return _CONTROL.sub("", message)[:MAX_MESSAGE_CHARS]
 
 
 def scrub(message: str) -> str:
     """First line of an unexpected error, host paths removed, bounded."""
-    first = (message.strip().splitlines() or [""])[0]
+    first = (plain(message).strip().splitlines() or [""])[0]
     return _PATH.sub("<path>", first)[:200]
 
 
@@ -148,9 +156,9 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int):
         return JobDone(job.id, to_result(outcome).model_dump_json(), outcome.base_reused)
     except ProbeOutOfMemory as exc:
         trace = [dataclasses.asdict(t) for t in exc.trace]
-        return JobFailed(job.id, exc.code, exc.message, exc.phase, trace)
+        return JobFailed(job.id, exc.code, plain(exc.message), exc.phase, trace)
     except ProbeError as exc:
-        return JobFailed(job.id, exc.code, exc.message, exc.phase)
+        return JobFailed(job.id, exc.code, plain(exc.message), exc.phase)
     except Exception as exc:   # noqa: BLE001 - the worker must survive anything a job does
         log.exception("job %s failed unexpectedly", job.id)
         return JobFailed(job.id, "internal_error",

@@ -62,7 +62,8 @@ def private_paths(server: Server) -> list[str]:
 
 
 def assert_clean(text: str, server: Server) -> None:
-    for needle in ("Traceback", 'File "', "site-packages", *private_paths(server)):
+    for needle in ("Traceback", 'File "', "site-packages", "\x1b", "\\u001b",
+                   *private_paths(server)):
         assert needle not in text, f"{needle!r} leaked into a response: {text[:500]}"
 
 
@@ -133,6 +134,13 @@ def broken(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
         moments["exp_avg"].fill_(float("nan"))
     torch.save(state, adapter_copy("nan_moments_optimizer") / "optimizer.pt")
     (adapter_copy("garbage_adapter") / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    # Pickled weights instead of safetensors, carrying code: loaders must refuse to run it.
+    pickled = adapter_copy("pickle_adapter")
+    os.remove(pickled / "adapter_model.safetensors")
+    torch.save({"x": _MarkerOnLoad(str(d["marker"]))}, pickled / "adapter_model.bin")
+    pickled = base_copy("pickle_base")
+    os.remove(pickled / "model.safetensors")
+    torch.save({"x": _MarkerOnLoad(str(d["marker"]))}, pickled / "pytorch_model.bin")
     (adapter_copy("garbage_adapter_config") / "adapter_config.json").write_text("{not json")
     (base_copy("garbage_tokenizer") / "tokenizer.json").write_text("{not json")
     (base_copy("garbage_config") / "config.json").write_text("{not json")
@@ -466,6 +474,10 @@ def _broken_jobs(ck: tuple[str, str], b: dict) -> list[tuple[str, dict, str, str
          "checkpoint_invalid", "load", "weights"),
         ("garbage adapter weights", {"base_model": base, "adapter": str(r / "garbage_adapter")},
          "checkpoint_invalid", "load", "adapter"),
+        ("pickled adapter weights", {"base_model": base, "adapter": str(r / "pickle_adapter")},
+         "unsafe_checkpoint", "load", "adapter"),
+        ("pickled base weights", {"base_model": str(r / "pickle_base"), "adapter": adapter},
+         "unsafe_checkpoint", "load", "base model"),
         ("unreadable adapter_config.json", {"base_model": base,
                                             "adapter": str(r / "garbage_adapter_config")},
          "checkpoint_invalid", "load", "adapter"),
