@@ -283,6 +283,12 @@ def _invalid_bodies(ck: tuple[str, str]) -> list[tuple[str, dict | str | bytes, 
          "body.optimizer_overrides.max_grad_norm", "finite"),
         ("inf length norm", nested(p, "objective", length_norm_constant="Infinity"),
          "body.objective.length_norm_constant", "finite"),
+        ("reward 1e7", with_(q, rollouts=_rollouts((["a", "b"], [1e7, 0.0]))),
+         "body.rollouts.0.rewards.0", "less than or equal to 1000000"),
+        ("temperature 1e-4", nested(p, "generation", temperature=1e-4),
+         "body.generation.temperature", "greater than or equal to 0.001"),
+        ("length norm 1e-300", nested(p, "objective", length_norm_constant=1e-300),
+         "body.objective.length_norm_constant", "greater than or equal to 0.001"),
         ("NaN temperature", nested(p, "generation", temperature="NaN"),
          "body.generation.temperature", "finite"),
         ("rollouts and prompts", with_(q, prompts=["x"], answers=["y"]), "body",
@@ -414,6 +420,26 @@ def test_symlinks_that_leave_the_roots_are_refused(server, tiny_checkpoint, brok
         [err] = r.json()["detail"]
         assert err["loc"] == ["body", "checkpoint", loc] and "outside" in err["msg"]
         assert str(broken["outside"]) not in r.text     # the target is never named
+
+
+def test_a_symlink_swapped_in_after_submit_is_refused_at_load(server, tiny_checkpoint, broken):
+    """Paths are checked at submit and again, resolved, when the worker opens them."""
+    swap = broken["root"] / "swapped_adapter"
+    shutil.copytree(tiny_checkpoint[1], swap)
+    ahead = request(server, "POST", "/probes", json=slow_request(tiny_checkpoint)).json()["id"]
+    body = dict(prompts_request(tiny_checkpoint),
+                checkpoint={"base_model": tiny_checkpoint[0], "adapter": str(swap)})
+    target = request(server, "POST", "/probes", json=body)
+    assert target.status_code == 202                  # a real directory inside the roots
+    shutil.rmtree(swap)
+    os.symlink(broken["outside"] / "adapter", swap)   # now it leads outside
+    request(server, "POST", f"/probes/{ahead}/cancel")
+    FIGURES["jobs_accepted"] += 2
+    FIGURES["faults"] += 1
+    job = wait_job(server, target.json()["id"])
+    assert job.status == JobStatus.failed and job.error.code == ErrorCode.invalid_request
+    assert job.error.phase == "load" and "outside" in job.error.message
+    assert wait_job(server, ahead).status == JobStatus.cancelled
 
 
 def test_save_updated_adapter_never_overwrites_a_checkpoint(server, tiny_checkpoint, broken):
