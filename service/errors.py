@@ -76,8 +76,10 @@ def _small(value: Any) -> bool:
 
 
 def _entry(error: dict) -> dict:
-    out = {"type": error["type"], "loc": _safe(list(error["loc"])),
-           "msg": _safe(error["msg"])}
+    msg = error["msg"]
+    if error["type"] == "value_error":          # our validators' own words, without the prefix
+        msg = msg.removeprefix("Value error, ")
+    out = {"type": error["type"], "loc": _safe(list(error["loc"])), "msg": _safe(msg)}
     # The whole body (loc ["body"]) or a long field is not repeated back; the loc names it.
     if len(out["loc"]) > 1 and "input" in error and _small(error["input"]):
         out["input"] = _safe(error["input"])

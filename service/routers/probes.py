@@ -76,7 +76,7 @@ def _overwrites(path: str) -> str | None:
 
 
 def _not_found(job_id: str) -> HTTPException:
-    return HTTPException(404, f"no job with id {job_id!r}")
+    return HTTPException(404, f"no job with id {job_id[:100]!r}")
 
 
 @router.post("", status_code=202, response_model=ProbeJob,
