@@ -45,7 +45,11 @@ def report_figures(request):
         {k: FIGURES.get(k, 0) for k in ("requests", "faults", "failures", "jobs_accepted",
                                         "jobs_lost", "fuzz_requests", "load_requests",
                                         "load_429", "load_jobs")})
+    line += f"; tests failed in this session: {request.session.testsfailed}"
     capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is None:
+        print("\n" + line)
+        return
     with capture.global_and_fixture_disabled():        # shown even without -s
         print("\n" + line)
 
