@@ -926,7 +926,8 @@ def test_worker_killed_idle_starting_and_mid_job_nothing_lost(start_server, tiny
     assert starting, "no replacement worker was started"
     starting[0].kill()
     FIGURES["faults"] += 1
-    third = server.wait_ready(not_pid=first)
+    starting[0].wait(30)                                 # gone (the supervisor reaps it)
+    third = server.wait_ready(not_pid=starting[0].pid)
     assert third not in (first, starting[0].pid)
 
     slow = request(server, "POST", "/probes", json=slow_request(tiny_checkpoint)).json()["id"]
