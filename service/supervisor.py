@@ -40,8 +40,14 @@ class WorkerProcess:
                                    args=(cfg, self.jobs, self.events, self.cancel_id))
         self.process.start()
         self.ready: w.Ready | None = None
+        self.stopped = False
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the process and release its queues; a second call does nothing (the server
+        can stop while a dead worker waits to be replaced)."""
+        if self.stopped:
+            return
+        self.stopped = True
         if self.process.is_alive():
             try:
                 self.jobs.put(None)

@@ -948,6 +948,27 @@ def test_worker_killed_idle_starting_and_mid_job_nothing_lost(start_server, tiny
     assert "entropy_probe_worker_restarts_total 3" in metrics
 
 
+def test_stop_while_a_dead_worker_waits_to_be_replaced(start_server, tiny_checkpoint):
+    """SIGTERM in the second after a worker died (before its successor starts): a clean
+    shutdown, and the job queued meanwhile is reported interrupted after the restart."""
+    server = start_server()
+    os.kill(server.wait_ready(), signal.SIGKILL)
+    FIGURES["faults"] += 2
+    deadline = time.monotonic() + 30
+    while "died (killed by SIGKILL)" not in server.read_log():
+        assert time.monotonic() < deadline, server.read_log()[-2000:]
+        time.sleep(0.01)
+    queued = request(server, "POST", "/probes", json=prompts_request(tiny_checkpoint))
+    server.proc.terminate()
+    server.proc.wait(30)
+    log = server.read_log()
+    assert "Traceback" not in log and "shutdown failed" not in log, log[-3000:]
+    again = start_server(state_dir=Path(server.env["ENTROPY_PROBE_STATE_DIR"]))
+    job = request(again, "GET", f"/probes/{queued.json()['id']}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "interrupted"
+    FIGURES["jobs_accepted"] += 1
+
+
 # -- 4d. restart: damaged files in the state directory are skipped and logged -----------------
 
 def test_restart_skips_damaged_job_files(start_server, tiny_checkpoint, tmp_path):
