@@ -86,6 +86,17 @@ def format_prompts(prompts: list[str], tokenizer, prompt_format: str) -> list[li
     return out
 
 
+def check_context(model, prompt_ids: list[list[int]], response_tokens: int) -> None:
+    """Refuse sequences longer than the model's context before spending compute on them."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    limit = getattr(lm.config, "max_position_embeddings", None)
+    longest = max(len(p) for p in prompt_ids) + response_tokens
+    if limit and longest > limit:
+        raise InvalidRequest(f"the longest prompt plus {response_tokens} response tokens is "
+                             f"{longest} tokens, beyond the model's context of {limit}; shorten "
+                             "the prompts or lower generation.max_new_tokens")
+
+
 def assemble(prompt_ids: list[list[int]], responses: list[list[int]], group_size: int,
              eos: list[int], pad_id: int, tokenizer) -> Batch:
     """Lay out B prompts (each repeated G times) and N = B·G responses as a Batch."""
@@ -130,6 +141,7 @@ def from_client(rollouts: list[ClientRollout], tokenizer, model, prompt_format: 
                 raise InvalidRequest(f"response token id {max(ids)} is outside the model's "
                                      f"vocabulary of {vocab}")
             responses.append(ids)
+    check_context(model, prompt_ids, max(len(r) for r in responses))
     g = len(rollouts[0].responses)
     batch = assemble(prompt_ids, responses, g, eos_ids(model, tokenizer),
                      tokenizer.pad_token_id, tokenizer)
@@ -145,6 +157,7 @@ def sample(model, tokenizer, prompts: list[str], prompt_format: str, group_size:
     from transformers import GenerationConfig
 
     prompt_ids = format_prompts(prompts, tokenizer, prompt_format)
+    check_context(model, prompt_ids, gen.max_new_tokens)
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
     config = GenerationConfig(

@@ -132,3 +132,14 @@ def test_base_defaults_to_adapter_config(root):
                      realized=RealizedSpec(enabled=False))
     out = run_probe(spec)
     assert out.units == 2
+
+
+def test_sequences_beyond_the_model_context_are_refused_before_compute(root):
+    """The tiny model's context is 512 positions."""
+    spec = ProbeSpec(checkpoint=CheckpointSpec(str(root / "a/base"), str(root / "a/adapter")),
+                     prompts=["1+1=" * 100, "2+2="], answers=["2", "4"], responses_per_prompt=2,
+                     generation=GenerationSpec(max_new_tokens=200),
+                     realized=RealizedSpec(enabled=False))
+    with pytest.raises(errors.InvalidRequest, match="context of 512") as info:
+        run_probe(spec)
+    assert info.value.phase == "rollouts"
