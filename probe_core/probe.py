@@ -199,23 +199,7 @@ class _Probe:
         flat = FlatParams.of([p for _, p in ck.params])
         acc = GradientAccumulator(forcer, ck.model, flat, self.opts.grad_method)
         n_units = len(units)
-        keep = 2 * n_units * flat.numel * 4 <= spec.host_budget_bytes
-        x_units = torch.empty(n_units, flat.numel) if keep else None
-        y_units = torch.empty(n_units, flat.numel) if keep else None
-        # Σ_u X_u, Σ_u Y_u in float64 where the unit vectors are (the device): no per-unit
-        # host arithmetic on [P] vectors while the device waits
-        sums = torch.zeros(2, flat.numel, dtype=torch.float64, device=self.device)  # [2, P]
-        done = 0
-        for u, chunks in enumerate(units):
-            x_u, y_u, n_back = self._unit(acc, chunks, c_x, c_y, done, len(flat_chunks))
-            done += len(chunks)
-            sums[0] += x_u
-            sums[1] += y_u
-            if keep:
-                x_units[u].copy_(x_u)
-                y_units[u].copy_(y_u)
-        x_sum, y_sum = sums.cpu()
-        del sums
+        x_units, y_units, x_sum, y_sum = self._gradients(acc, units, c_x, c_y)
         self._finish("gradients")
 
         # 3. the AdamW step and δH₁
@@ -249,6 +233,29 @@ class _Probe:
         out.step, out.x_bar, out.y_bar, out.unit_x, out.unit_y = (step, x_bar, y_bar, x_units,
                                                                   y_units)
         return out
+
+    def _gradients(self, acc: GradientAccumulator, units, c_x, c_y):
+        """Phase 2: X_u, Y_u of every unit (kept on the host within the budget) and their
+        sums. Returns (x_units | None, y_units | None, Σ X_u, Σ Y_u) on the host."""
+        n_units, numel = len(units), acc.flat.numel
+        total = sum(len(c) for c in units)
+        keep = 2 * n_units * numel * 4 <= self.spec.host_budget_bytes
+        x_units = torch.empty(n_units, numel) if keep else None
+        y_units = torch.empty(n_units, numel) if keep else None
+        # Σ_u X_u, Σ_u Y_u in float64 where the unit vectors are (the device): no per-unit
+        # host arithmetic on [P] vectors while the device waits
+        sums = torch.zeros(2, numel, dtype=torch.float64, device=self.device)       # [2, P]
+        done = 0
+        for u, chunks in enumerate(units):
+            x_u, y_u, _ = self._unit(acc, chunks, c_x, c_y, done, total)
+            done += len(chunks)
+            sums[0] += x_u
+            sums[1] += y_u
+            if keep:
+                x_units[u].copy_(x_u)
+                y_units[u].copy_(y_u)
+        x_sum, y_sum = sums.cpu()
+        return x_units, y_units, x_sum, y_sum
 
     def _unit(self, acc: GradientAccumulator, chunks, c_x, c_y, done: int, total: int):
         counter = iter(range(done + 1, done + len(chunks) + 1))
