@@ -25,21 +25,24 @@ class BilinearDots:
     xbar_y: torch.Tensor    # X̄·WY_u
 
     @classmethod
-    def of(cls, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> BilinearDots:
-        """From unit vectors x, y [U, P] and weights w [P] (float64)."""
-        wy = y * w                                                       # [U, P]
-        return cls((x * wy).sum(1), x @ (w * y.mean(0)), wy @ x.mean(0))
+    def cat(cls, parts: list[BilinearDots]) -> BilinearDots:
+        """The dots of several groups of units, in order."""
+        return cls(torch.cat([d.diag for d in parts]), torch.cat([d.x_ybar for d in parts]),
+                   torch.cat([d.xbar_y for d in parts]))
 
 
-def kept_unit_dots(x: torch.Tensor, y: torch.Tensor, weights: list[torch.Tensor],
-                   vectors: list[torch.Tensor], block_bytes: int = 2 << 20
-                   ) -> tuple[list[BilinearDots], list[torch.Tensor]]:
-    """BilinearDots.of(x, y, w) for each w and x @ v for each v, from kept fp32 unit vectors
-    x, y [U, P], column block by column block: each float64 temporary is ≤ block_bytes (about
-    four live at once) instead of several [U, P] float64 copies, which grew host memory with
-    the batch size.
+def unit_dots(x: torch.Tensor, y: torch.Tensor, weights: list[torch.Tensor],
+              vectors: list[torch.Tensor], x_bar: torch.Tensor | None = None,
+              y_bar: torch.Tensor | None = None, block_bytes: int = 2 << 20
+              ) -> tuple[list[BilinearDots], list[torch.Tensor]]:
+    """The per-unit dots X_u·WY_u, X_u·WȲ, X̄·WY_u for each weight W and X_u·v for each vector v,
+    from fp32 unit vectors x, y [U, P], column block by column block: each float64 temporary
+    is ≤ block_bytes (about four live at once) instead of several [U, P] float64 copies, which
+    grew host memory with the batch size.
 
-    Args: weights, vectors: float64 [P] each. Returns the dots per weight and x @ v [U] per v.
+    Args: weights, vectors: float64 [P] each; x_bar, y_bar: the means over all units, float64
+    [P] (default: the means of x and y; pass them when x, y hold only some of the units, such as
+    one recomputed unit). Returns the dots per weight and x @ v [U] per v.
     """
     u, p = x.shape
     width = max(1, block_bytes // (8 * u))
@@ -50,7 +53,8 @@ def kept_unit_dots(x: torch.Tensor, y: torch.Tensor, weights: list[torch.Tensor]
     for j in range(0, p, width):
         cols = slice(j, j + width)
         xb, yb = x[:, cols].double(), y[:, cols].double()                # [U, b]
-        x_mean, y_mean = xb.mean(0), yb.mean(0)                          # [b]
+        x_mean = xb.mean(0) if x_bar is None else x_bar[cols]            # [b]
+        y_mean = yb.mean(0) if y_bar is None else y_bar[cols]
         for k, w in enumerate(weights):
             wy = yb * w[cols]                                            # [U, b]
             diag[k] += (xb * wy).sum(1)

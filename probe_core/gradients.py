@@ -129,18 +129,6 @@ class _LinearGradCapture:
         self.acc[:, off:off + d_out * d_in].addmm_(self.coef, per_seq.view(n, -1))
 
 
-@dataclass
-class UnitGradients:
-    """X_u and Y_u of every unit (host fp32) or only their sums when over the host budget."""
-
-    x_units: torch.Tensor | None   # [U, P]
-    y_units: torch.Tensor | None   # [U, P]
-    x_sum: torch.Tensor            # [P] float64
-    y_sum: torch.Tensor            # [P] float64
-    forwards: int                  # sequences through a forward with grad
-    backwards: int                 # sequences through a backward (counted per backward)
-
-
 class GradientAccumulator:
     """Runs phase 2: for each unit, for each chunk, one forward with grad and X/Y from it."""
 
@@ -162,8 +150,8 @@ class GradientAccumulator:
         dev = self.forcer.device
         acc = torch.zeros(2, self.flat.numel, dtype=torch.float32, device=dev)   # [2, P]
         backwards = 0
-        coefs = to_device(torch.stack([coef_x[torch.cat(chunks)],
-                                       coef_y[torch.cat(chunks)]]).float(), dev)  # [2, n_u]
+        rows_u = torch.cat(chunks)
+        coefs = to_device(torch.stack([coef_x[rows_u], coef_y[rows_u]]).float(), dev)  # [2, n_u]
         start = 0
         for rows in chunks:
             coef = coefs[:, start:start + len(rows)]                          # [2, n]

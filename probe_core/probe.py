@@ -24,7 +24,7 @@ from probe_core import rewards as rw
 from probe_core.adamw import AdamWStep, Hyper, adamw_step
 from probe_core.checkpoint import LoadedCheckpoint, ModelCache, open_checkpoint
 from probe_core.errors import DegenerateBatch, InvalidRequest, ProbeCancelled, ProbeOutOfMemory
-from probe_core.estimators import BilinearDots, covariance_proxy, delta_h1, kept_unit_dots
+from probe_core.estimators import BilinearDots, covariance_proxy, delta_h1, unit_dots
 from probe_core.gradients import FlatParams, GradientAccumulator
 from probe_core.importance import entropy_before, snis
 from probe_core.memory import MemoryTracer
@@ -209,8 +209,7 @@ class _Probe:
         hyper = Hyper.from_states(ck.states, spec.lr_override)
         x_bar, y_bar = x_sum / n_units, y_sum / n_units
         step = adamw_step(hyper, y_bar, theta, spec.max_grad_norm)
-        dots = self._unit_dots(acc, units, c_x, c_y, x_units, y_units, x_bar, y_bar, step,
-                               hyper)
+        dots = self._unit_dots(acc, units, c_x, c_y, x_units, y_units, x_bar, y_bar, step)
         estimate = delta_h1(*dots, kappa=step.kappa)
         self._warn_degenerate(adv, hyper, n_units)
         updated = None
@@ -266,29 +265,22 @@ class _Probe:
         return x_u, y_u, n_back
 
     def _unit_dots(self, acc, units, c_x, c_y, x_units, y_units, x_bar, y_bar,
-                   step: AdamWStep, hyper: Hyper):
+                   step: AdamWStep):
         """Per-unit dot products for δH₁, from the kept unit vectors or a recompute pass."""
-        w_mom = step.w_momentum
-        w_dec = step.w_decay
+        weights, vectors = [step.d, step.w_grad], [step.w_momentum, step.w_decay]
         if x_units is not None:
-            (plain, grad), (mom, dec) = kept_unit_dots(x_units, y_units, [step.d, step.w_grad],
-                                                       [w_mom, w_dec])
+            (plain, grad), (mom, dec) = unit_dots(x_units, y_units, weights, vectors)
             return plain, grad, mom, dec
         self.warnings.append("unit vectors exceeded the host memory budget: a second gradient "
                              "pass recomputed them")
-        rows = {k: [] for k in ("pd", "pxy", "pyx", "gd", "gxy", "gyx", "m", "wd")}
+        dots, lin = [], []
         for chunks in units:
             x_u, y_u, _ = self._unit(acc, chunks, c_x, c_y, 0, 0)
-            x_u, y_u = x_u.cpu().double(), y_u.cpu().double()
-            for tag, w in (("p", step.d), ("g", step.w_grad)):
-                rows[tag + "d"].append(x_u @ (w * y_u))
-                rows[tag + "xy"].append(x_u @ (w * y_bar))
-                rows[tag + "yx"].append(x_bar @ (w * y_u))
-            rows["m"].append(x_u @ w_mom)
-            rows["wd"].append(x_u @ w_dec)
-        t = {k: torch.stack(v) for k, v in rows.items()}
-        return (BilinearDots(t["pd"], t["pxy"], t["pyx"]),
-                BilinearDots(t["gd"], t["gxy"], t["gyx"]), t["m"], t["wd"])
+            d, v = unit_dots(x_u.cpu()[None], y_u.cpu()[None], weights, vectors, x_bar, y_bar)
+            dots.append(d)
+            lin.append(v)
+        return (BilinearDots.cat([d[0] for d in dots]), BilinearDots.cat([d[1] for d in dots]),
+                torch.cat([v[0] for v in lin]), torch.cat([v[1] for v in lin]))
 
     def _warn_degenerate(self, adv: torch.Tensor, hyper: Hyper, n_units: int) -> None:
         if bool((adv == 0).all()):
