@@ -23,6 +23,11 @@ from probe_core.spec import CheckpointSpec, RuntimeOptions
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers CausalLM inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @dataclass
 class LoadedCheckpoint:
     model: torch.nn.Module                 # PeftModel (or the base for full-model probes)

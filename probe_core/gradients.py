@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from probe_core.checkpoint import causal_lm
 from probe_core.teacher_forcing import TeacherForcer, to_device
 
 
@@ -137,7 +138,7 @@ class GradientAccumulator:
         self.forcer, self.flat = forcer, flat
         lm = forcer.decoder
         if method == "auto":
-            method = "hooks" if _LinearGradCapture.applicable(flat, _causal(model)) \
+            method = "hooks" if _LinearGradCapture.applicable(flat, causal_lm(model)) \
                 else "two_backward"
         self.method = method
         self.capture = _LinearGradCapture(flat, lm) if method == "hooks" else None
@@ -172,7 +173,3 @@ class GradientAccumulator:
             if on_chunk:
                 on_chunk()
         return acc[0], acc[1], backwards
-
-
-def _causal(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

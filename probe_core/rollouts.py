@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from probe_core.checkpoint import causal_lm
 from probe_core.errors import InvalidRequest, TokenizerError
 from probe_core.spec import ClientRollout, GenerationSpec
 
@@ -88,7 +89,7 @@ def format_prompts(prompts: list[str], tokenizer, prompt_format: str) -> list[li
 
 def check_context(model, prompt_ids: list[list[int]], response_tokens: int) -> None:
     """Refuse sequences longer than the model's context before spending compute on them."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = causal_lm(model)
     limit = getattr(lm.config, "max_position_embeddings", None)
     longest = max(len(p) for p in prompt_ids) + response_tokens
     if limit and longest > limit:
@@ -168,7 +169,7 @@ def sample(model, tokenizer, prompts: list[str], prompt_format: str, group_size:
     # generate() fills every setting the config leaves unset from the checkpoint's own
     # generation_config (Qwen ships top_k=20, top_p=0.8, repetition_penalty=1.05 ...): those
     # would change the sampling distribution away from π_τ, so they are hidden while sampling.
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = causal_lm(model)
     saved, lm.generation_config = lm.generation_config, GenerationConfig()
     try:
         return _generate(model, prompt_ids, group_size, gen, config, eos, pad, tokenizer,

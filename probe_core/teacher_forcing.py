@@ -10,14 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from probe_core.checkpoint import causal_lm
 from probe_core.rollouts import Batch
 
 LOGIT_CHUNK_ELEMENTS = 1 << 24   # ≤ 64 MiB of fp32 logits per token chunk
-
-
-def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers CausalLM inside a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
