@@ -71,14 +71,13 @@ def _toy_batch(tok, alphabet: str, n: int, gen: torch.Generator
     return ids, mask
 
 
-def write_tiny_checkpoint(out_dir: str, cfg: TinyConfig | None = None) -> tuple[str, str]:
-    """Write <out_dir>/base and <out_dir>/adapter (with optimizer.pt). Returns both paths."""
-    from peft import LoraConfig, get_peft_model
+def write_tiny_base(base_dir: str, cfg: TinyConfig | None = None):
+    """Write only the base: a random Llama and its tokenizer, as a HF directory. Returns the
+    tokenizer."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = cfg or TinyConfig()
     torch.manual_seed(cfg.seed)
-    base_dir, adapter_dir = os.path.join(out_dir, "base"), os.path.join(out_dir, "adapter")
     tok = build_tokenizer(cfg)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
@@ -88,7 +87,17 @@ def write_tiny_checkpoint(out_dir: str, cfg: TinyConfig | None = None) -> tuple[
         tie_word_embeddings=False, initializer_range=cfg.init_std)
     AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
+    return tok
 
+
+def write_tiny_checkpoint(out_dir: str, cfg: TinyConfig | None = None) -> tuple[str, str]:
+    """Write <out_dir>/base and <out_dir>/adapter (with optimizer.pt). Returns both paths."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = cfg or TinyConfig()
+    base_dir, adapter_dir = os.path.join(out_dir, "base"), os.path.join(out_dir, "adapter")
+    tok = write_tiny_base(base_dir, cfg)
     base = AutoModelForCausalLM.from_pretrained(os.path.abspath(base_dir))
     model = get_peft_model(base, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
                                             target_modules=list(cfg.lora_targets),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from service.demo import free_port
 
 READY_TIMEOUT_S = 90.0
 # Tiny models on a shared CPU: torch's OpenMP threads spin against other processes and make
@@ -26,12 +27,6 @@ def tiny_checkpoint(tmp_path_factory) -> tuple[str, str]:
     checkpoint root of the test servers."""
     from probe_core.tiny import write_tiny_checkpoint
     return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

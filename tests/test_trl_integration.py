@@ -12,27 +12,24 @@ import json
 import logging
 import math
 import os
-import socket
-import subprocess
-import sys
-import time
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("trl")
 
-import httpx  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import (AutoModelForCausalLM, LlamaConfig, Trainer,  # noqa: E402
-                          TrainerCallback)
+from transformers import Trainer, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
+from conftest import Server  # noqa: E402
 from probe_core.checkpoint import ModelCache, open_checkpoint  # noqa: E402
 from probe_core.spec import CheckpointSpec, RuntimeOptions  # noqa: E402
-from probe_core.tiny import TinyConfig, build_tokenizer  # noqa: E402
+from probe_core.tiny import TinyConfig, build_tokenizer, write_tiny_base  # noqa: E402
 from service.client import ProbeClient  # noqa: E402
+from service.demo import free_port  # noqa: E402
 from service.integrations.trl import EntropyProbeCallback  # noqa: E402
 
 PROMPTS = ["1+2=", "3+1=", "2+2=", "0+4="]
@@ -40,25 +37,6 @@ ANSWERS = ["3", "4", "4", "4"]
 MAX_STEPS = 3       # a linear schedule from 1e-2: the lr saved at step 3 (of the next step) is 0
 LR = 1e-2
 SERVER_START_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tiny_base(path: str) -> str:
-    tok = build_tokenizer(TinyConfig())
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _reward(completions, **kwargs) -> list[float]:
@@ -107,45 +85,19 @@ def _rollouts(step: int) -> dict:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("trl"))
-    _tiny_base(os.path.join(path, "base"))
+    write_tiny_base(os.path.join(path, "base"))
     return path
 
 
 @pytest.fixture(scope="module")
 def server(root):
     """`entropy-probe serve` on 127.0.0.1, confined to `root`; stopped at the end."""
-    port = _free_port()
-    env = {**os.environ, "ENTROPY_PROBE_STATE_DIR": os.path.join(root, "state"),
-           "ENTROPY_PROBE_CHECKPOINT_ROOTS": root, "ENTROPY_PROBE_DEVICE": "cpu"}
-    env.pop("ENTROPY_PROBE_API_TOKEN", None)
-    exe = os.path.join(os.path.dirname(sys.executable), "entropy-probe")
-    log_path = os.path.join(root, "server.log")
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([exe, "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_S
+    srv = Server(Path(root), Path(root) / "state", root)
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited ({proc.returncode}):\n{open(log_path).read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in {SERVER_START_S:.0f} s:\n"
-                            f"{open(log_path).read()[-3000:]}")
-            time.sleep(0.3)
-        yield url
+        srv.wait_ready(SERVER_START_S)
+        yield srv.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +211,7 @@ def test_callback_logs_probe_results(run):
 def test_plain_lora_layout_and_unreachable_service(root, caplog):
     """Plain LoRA (the no-decay group is empty); the callback points at a port nobody listens
     on: training finishes, each probe is skipped with a warning, nothing is logged."""
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     callback = EntropyProbeCallback(url, {"prompts": PROMPTS, "answers": ANSWERS},
                                     wait_at_end=True, end_timeout=60.0)
     with caplog.at_level(logging.WARNING, logger="service.integrations.trl"):
