@@ -8,6 +8,7 @@ blocks mode; then the whole probe with either method.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -58,15 +59,21 @@ def _rollouts(tokenizer, num_prompts: int, seed: int = 0) -> list[ClientRollout]
     return out
 
 
-def _unit_vectors(ckpt, method: str, per_unit: int, microbatch: int):
+@contextlib.contextmanager
+def _loaded(ckpt, num_prompts: int, temperature: float):
+    """The checkpoint opened on the CPU with a client batch: (ck, batch, forcer, flat)."""
     base, adapter = ckpt
-    spec = CheckpointSpec(base, adapter)
-    with open_checkpoint(spec, RuntimeOptions(device="cpu"), torch.device("cpu"),
-                         ModelCache()) as ck:
-        batch, _ = from_client(_rollouts(ck.tokenizer, 4), ck.tokenizer, ck.model, "raw")
+    with open_checkpoint(CheckpointSpec(base, adapter), RuntimeOptions(device="cpu"),
+                         torch.device("cpu"), ModelCache()) as ck:
+        batch, _ = from_client(_rollouts(ck.tokenizer, num_prompts), ck.tokenizer, ck.model,
+                               "raw")
+        forcer = TeacherForcer(ck.model, batch, temperature, torch.device("cpu"), None)
+        yield ck, batch, forcer, FlatParams.of([p for _, p in ck.params])
+
+
+def _unit_vectors(ckpt, method: str, per_unit: int, microbatch: int):
+    with _loaded(ckpt, 4, 0.8) as (ck, batch, forcer, flat):
         assert batch.lengths.min() < batch.lengths.max()
-        forcer = TeacherForcer(ck.model, batch, 0.8, torch.device("cpu"), None)
-        flat = FlatParams.of([p for _, p in ck.params])
         acc = GradientAccumulator(forcer, ck.model, flat, method)
         assert acc.method == method
         gen = torch.Generator().manual_seed(1)
@@ -94,12 +101,7 @@ def test_hooks_equal_two_backward(ckpt, per_unit, microbatch):
 
 
 def test_hooks_apply_only_where_every_parameter_is_a_lora_linear(ckpt):
-    base, adapter = ckpt
-    with open_checkpoint(CheckpointSpec(base, adapter), RuntimeOptions(device="cpu"),
-                         torch.device("cpu"), ModelCache()) as ck:
-        batch, _ = from_client(_rollouts(ck.tokenizer, 2), ck.tokenizer, ck.model, "raw")
-        forcer = TeacherForcer(ck.model, batch, 1.0, torch.device("cpu"), None)
-        flat = FlatParams.of([p for _, p in ck.params])
+    with _loaded(ckpt, 2, 1.0) as (ck, batch, forcer, flat):
         assert GradientAccumulator(forcer, ck.model, flat).method == "hooks"
         norm = [p for n, p in ck.model.named_parameters() if "norm" in n][0]
         norm.requires_grad_(True)
@@ -138,12 +140,7 @@ def test_probe_numbers_do_not_depend_on_the_gradient_method(ckpt, mode):
 def test_hooks_backward_stops_at_the_lora_a_outputs(ckpt):
     """The backward is asked for the LoRA A outputs only: autograd computes no weight gradient
     of its own (the hooks compute them, weighted) and nothing below the first LoRA layer."""
-    base, adapter = ckpt
-    with open_checkpoint(CheckpointSpec(base, adapter), RuntimeOptions(device="cpu"),
-                         torch.device("cpu"), ModelCache()) as ck:
-        batch, _ = from_client(_rollouts(ck.tokenizer, 2), ck.tokenizer, ck.model, "raw")
-        forcer = TeacherForcer(ck.model, batch, 1.0, torch.device("cpu"), None)
-        flat = FlatParams.of([p for _, p in ck.params])
+    with _loaded(ckpt, 2, 1.0) as (ck, batch, forcer, flat):
         acc = GradientAccumulator(forcer, ck.model, flat, "hooks")
         with acc.capture:
             forcer.logprobs(torch.arange(3), grad=True)
