@@ -5,6 +5,7 @@ Run the benchmarks from the repository root: `python -m bench.cost`, `python -m 
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 
@@ -13,6 +14,19 @@ from probe_core.spec import (CheckpointSpec, ClientRollout, GenerationSpec, Prob
 from probe_core.tiny import TinyConfig, build_tokenizer, write_tiny_checkpoint
 
 CACHE = os.environ.get("ENTROPY_PROBE_BENCH_DIR", "/tmp/entropy-probe-bench")
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the benchmark model and batch shared by cost.py and memory.py."""
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--tokens", type=int, default=40)
+    ap.add_argument("--microbatch", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's "
+                    "default)")
 
 
 def checkpoint(hidden: int = 256, layers: int = 4, rank: int = 8, vocab: int = 32000,

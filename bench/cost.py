@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench.common import checkpoint, probe_spec
+from bench.common import add_model_args, checkpoint, probe_spec
 from probe_core import rewards as rw
 from probe_core.adamw import Hyper, adamw_step
 from probe_core.checkpoint import ModelCache, open_checkpoint
@@ -192,17 +192,9 @@ def _median(values: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_args(ap)
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--group", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=40)
-    ap.add_argument("--microbatch", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's "
-                    "default)")
     ap.add_argument("--repeats", type=int, default=2, help="probe runs (training steps: one "
                     "more, interleaved)")
     ap.add_argument("--no-baseline", action="store_true")

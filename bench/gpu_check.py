@@ -16,7 +16,6 @@ into $OUT/gpu_check.json (or --out). Imports probe_core and bench only (no fasta
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -27,12 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import client_rollouts
+from bench.common import probe_spec
 from bench.cost import probe, training_step
 from probe_core.checkpoint import ModelCache
-from probe_core.probe import run_probe
-from probe_core.spec import (CheckpointSpec, GenerationSpec, ProbeSpec, RealizedSpec,
-                             RuntimeOptions)
+from probe_core.probe import resolve_device, run_probe
+from probe_core.spec import ProbeSpec, RuntimeOptions
 from probe_core.tiny import LORA_TARGETS, TinyConfig, build_tokenizer
 
 
@@ -96,20 +94,10 @@ def build_checkpoint(shape: Shape, out: str, device: torch.device) -> tuple[str,
     return base, adapter
 
 
-@functools.lru_cache
-def _eos_id(vocab: int) -> int:
-    return build_tokenizer(TinyConfig(vocab_size=vocab)).eos_token_id
-
-
 def spec_for(base: str, adapter: str, shape: Shape, prompts: int, microbatch: int
              ) -> ProbeSpec:
-    eos = _eos_id(shape.vocab)
-    return ProbeSpec(checkpoint=CheckpointSpec(base, adapter),
-                     rollouts=client_rollouts(prompts, shape.group, shape.tokens, shape.vocab,
-                                              seed=prompts, eos_id=eos),
-                     responses_per_prompt=shape.group, reward_kind="provided",
-                     generation=GenerationSpec(max_new_tokens=shape.tokens),
-                     realized=RealizedSpec(lr_multipliers=[1.0]), microbatch_size=microbatch)
+    return probe_spec(base, adapter, prompts, shape.group, shape.tokens, shape.vocab,
+                      microbatch, seed=prompts)
 
 
 def memory_runs(base, adapter, shape, opts, cache, device) -> list[dict]:
@@ -171,8 +159,7 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
     args = ap.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     if device.type != "cuda" and not args.smoke:
         print("no CUDA device: run with --smoke for a CPU check of the script", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import checkpoint, client_rollouts
+from bench.common import add_model_args, checkpoint, client_rollouts
 
 
 def request(base: str, adapter: str, num_prompts: int, group: int, tokens: int, vocab: int,
@@ -74,14 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--groups", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--tokens", type=int, default=40)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--microbatch", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads per run (0: default)")
+    add_model_args(ap)
     ap.add_argument("--json", help="also write the measurements here")
     args = ap.parse_args()
 
