@@ -60,7 +60,7 @@ class Record:
         return json.dumps({"seq": self.seq, "request_hash": self.request_hash,
                            "idempotency_key": self.idempotency_key,
                            "request": json.loads(self.request),
-                           "job": json.loads(self.job.model_dump_json())})
+                           "job": self.job.model_dump(mode="json")})
 
     @classmethod
     def from_json(cls, text: str) -> Record:
