@@ -1,8 +1,11 @@
 """Self-normalized importance sampling of the entropy after a step, with ESS and PSIS k̂.
 
 The responses were drawn from π_θ; after the step θ⁺ their weights are w = π_θ⁺/π_θ =
-exp(S⁺ − S). Ĥ(θ⁺) = −Σ ŵ S⁺ with ŵ = w/Σw over all B·G samples (`global`) or within each
-prompt (`per_prompt`). With G responses per prompt and the same G for all prompts, the global
+exp(S⁺ − S). Each sequence carries an entropy value f⁺ (Σ_t h_t at θ⁺ on the same prefixes for
+`full_vocabulary`, −S⁺ for `sampled`) and a length L (T for `token_mean`, 1 for `sequence`):
+Ĥ(θ⁺) = Σ ŵ f⁺ / Σ ŵ L with ŵ = w/Σw over all B·G samples (`global`) or within each prompt
+(`per_prompt`); Ĥ(θ) = Σ f / Σ L. With sequence + sampled this is the first round's
+Ĥ(θ⁺) = −Σ ŵ S⁺. With G responses per prompt and the same G for all prompts, the global
 ratio estimates the prompt-averaged entropy and pools the normalizer over B·G samples, which
 makes it far less noisy than G-sample per-prompt ratios (its bias is O(1/(B·G)) instead of
 O(1/G)).
@@ -23,6 +26,9 @@ import torch
 
 @dataclass
 class SnisEstimate:
+    """Fields: h_after Ĥ(θ⁺); delta_h Ĥ(θ⁺) − Ĥ(θ); se (delta method, None where undefined);
+    ess (Σw)²/Σw²; ess_fraction ESS/(B·G); psis_k k̂ (None when not computed)."""
+
     h_after: float
     delta_h: float
     se: float | None
@@ -31,11 +37,30 @@ class SnisEstimate:
     psis_k: float | None
 
 
-def entropy_before(s: torch.Tensor) -> tuple[float, float | None]:
-    """Ĥ(θ) = −mean S and its SE, with prompts as strata. Args: s [B, G]."""
-    s = s.double()
-    b, g = s.shape
-    return float(-s.mean()), _stratified_se(-s)
+@dataclass
+class EntropySample:
+    """A batch's per-sequence entropy values at one θ, float64 [B, G] each.
+
+    Fields: value f (Σ_t h_t, or −S for `sampled`); length L (T for token_mean, 1 for
+    sequence); so that Ĥ = Σ ŵ f / Σ ŵ L. log_weight: log π_θ(y)/π_θ₀(y) of the responses
+    drawn at θ₀ (0 there).
+    """
+
+    value: torch.Tensor
+    length: torch.Tensor
+    log_weight: torch.Tensor
+
+
+def entropy_before(before: EntropySample) -> tuple[float, float | None]:
+    """Ĥ(θ) = Σ f / Σ L and its SE (delta method, prompts as strata)."""
+    f, ell = before.value, before.length
+    h = float(f.sum() / ell.sum())
+    return h, _stratified_se((f - h * ell) / ell.mean())
+
+
+def per_prompt_entropy(before: EntropySample) -> torch.Tensor:
+    """Each prompt's own Ĥ_n(θ) = Σ_g f / Σ_g L, float64 [B]."""
+    return before.value.sum(1) / before.length.sum(1)
 
 
 def _stratified_se(phi: torch.Tensor) -> float | None:
@@ -84,29 +109,38 @@ def psis_k(log_w: torch.Tensor) -> float | None:
     return k if math.isfinite(k) else None
 
 
-def snis(s: torch.Tensor, s_after: torch.Tensor, normalization: str, psis: bool
+def snis(before: EntropySample, after: EntropySample, normalization: str, psis: bool
          ) -> SnisEstimate:
-    """Entropy after the step and its change. Args: s, s_after [B, G] (float)."""
-    s, s_after = s.double(), s_after.double()
-    b, g = s.shape
-    log_w = s_after - s                                                    # [B, G]
+    """Entropy after the step, Ĥ(θ⁺) = Σ ŵ f⁺ / Σ ŵ L, and its change from Ĥ(θ); the
+    weights are w = exp(log_weight) of `after`, normalized over all B·G samples (`global`) or
+    within each prompt (`per_prompt`: the ratio of the prompt means of f⁺ and L)."""
+    log_w, f, ell = after.log_weight, after.value, after.length                # [B, G]
+    b, g = log_w.shape
     if normalization == "global":
         w = torch.exp(log_w - log_w.max())
-        w_bar = w.mean()
-        h_after = float(-(w * s_after).sum() / w.sum())
-        phi = -w * (s_after + h_after) / w_bar                            # influence, [B, G]
+        h_after = float((w * f).sum() / (w * ell).sum())
+        phi = w * (f - h_after * ell) / (w * ell).mean()                      # influence
     elif normalization == "per_prompt":
         w = torch.exp(log_w - log_w.max(dim=1, keepdim=True).values)
-        w_bar = w.mean(dim=1, keepdim=True)
-        h_n = -(w * s_after).sum(1, keepdim=True) / w.sum(1, keepdim=True)  # [B, 1]
-        h_after = float(h_n.mean())
-        phi = -w * (s_after + h_n) / w_bar
+        w_bar = w.mean(dim=1, keepdim=True)                                   # [B, 1]
+        f_n = (w * f).sum(1, keepdim=True) / w.sum(1, keepdim=True)           # [B, 1]
+        ell_n = (w * ell).sum(1, keepdim=True) / w.sum(1, keepdim=True)
+        h_after = float(f_n.mean() / ell_n.mean())
+        phi = w * (f - f_n - h_after * (ell - ell_n)) / w_bar / ell_n.mean()
     else:
         raise ValueError(f"unknown normalization {normalization!r}")
-    h_before = float(-s.mean())
-    # delta method: ΔH ≈ mean(φ) − mean(−S), the linearized ratio minus the plain mean
-    se = _stratified_se(phi + s)
+    h_before, _ = entropy_before(before)
+    # delta method: ΔH ≈ mean(φ) − mean(ψ), the linearized ratios after and before
+    psi = (before.value - h_before * before.length) / before.length.mean()
+    se = _stratified_se(phi - psi)
     wf = torch.exp(log_w - log_w.max()).reshape(-1)
     ess = float(wf.sum() ** 2 / (wf * wf).sum())
     k = psis_k(log_w.reshape(-1)) if psis else None
-    return SnisEstimate(h_after, h_after - h_before, se, ess, ess / (b * g), k)
+    return SnisEstimate(h_after=h_after, delta_h=h_after - h_before, se=se, ess=ess,
+                        ess_fraction=ess / (b * g), psis_k=k)
+
+
+def per_prompt_change(before: EntropySample, after: EntropySample) -> torch.Tensor:
+    """Each prompt's own realized ΔH_n by SNIS within the prompt, float64 [B]."""
+    w = torch.exp(after.log_weight - after.log_weight.max(dim=1, keepdim=True).values)
+    return (w * after.value).sum(1) / (w * after.length).sum(1) - per_prompt_entropy(before)
