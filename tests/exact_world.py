@@ -92,3 +92,24 @@ def sampled_rollouts(model, tok, prompt_texts: list[str], group_size: int, max_n
         resp = [batch.input_ids[i, width:][batch.response_mask[i]].tolist() for i in rows]
         out.append(ClientRollout(text, resp, [reward_fn(r) for r in resp]))
     return out
+
+
+def response_moments(model, prompt: list[int], responses: list[list[int]],
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """H_n = −Σ_r π(r) log π(r) and E_n[T] = Σ_r π(r)·len(r) over every response, both
+    differentiable in the parameters (float64 scalars)."""
+    s = response_logprobs(model, prompt, responses, temperature)
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.float64)
+    p = s.exp()
+    return -(p * s).sum(), (p * lengths).sum()
+
+
+def token_terms(model, prompt: list[int], response: list[int], temperature: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per response token, unbatched and with a plain full-vocabulary log_softmax:
+    log π(y_k | y_<k) [L] and h_k = −Σ_a π_a log π_a [L], float64 with a graph."""
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double() / temperature
+    lp = torch.log_softmax(logits, dim=-1)                                   # [L, V]
+    taken = lp.gather(1, torch.tensor(response)[:, None])[:, 0]
+    return taken, -(lp.exp() * lp).sum(-1)
