@@ -153,7 +153,7 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int):
             fault_hook=cfg.fault_hook if req.seed == FAULT_SEED else None)
         spec = to_spec(req, host_budget_bytes=cfg.host_budget_bytes)
         outcome = run_probe(spec, opts, cache, ProbeHooks(progress, should_cancel))
-        return JobDone(job.id, to_result(outcome).model_dump_json(), outcome.base_reused)
+        return JobDone(job.id, to_result(outcome, spec.checkpoint).model_dump_json(), outcome.base_reused)
     except ProbeOutOfMemory as exc:
         trace = [dataclasses.asdict(t) for t in exc.trace]
         return JobFailed(job.id, exc.code, plain(exc.message), exc.phase, trace)
