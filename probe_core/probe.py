@@ -23,7 +23,8 @@ import torch
 from probe_core import rewards as rw
 from probe_core.adamw import AdamWStep, Hyper, adamw_step
 from probe_core.checkpoint import LoadedCheckpoint, ModelCache, open_checkpoint
-from probe_core.errors import DegenerateBatch, InvalidRequest, ProbeCancelled, ProbeOutOfMemory
+from probe_core.errors import (DeadlineExceeded, DegenerateBatch, InvalidRequest, ProbeCancelled,
+                               ProbeOutOfMemory)
 from probe_core.estimators import BilinearDots, covariance_proxy, delta_h1, unit_dots
 from probe_core.gradients import FlatParams, GradientAccumulator
 from probe_core.importance import entropy_before, snis
@@ -42,10 +43,12 @@ PHASES = ("load", "rollouts", "teacher_forcing", "gradients", "step", "realized"
 @dataclass
 class ProbeHooks:
     """Callbacks from the worker: progress(phase, done, total) and a cancel flag polled at every
-    chunk boundary."""
+    chunk boundary; past `deadline` (a time.monotonic() value) the next boundary raises
+    DeadlineExceeded."""
 
     progress: Callable[[str, int, int], None] | None = None
     should_cancel: Callable[[], bool] | None = None
+    deadline: float | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,8 +80,6 @@ class _Probe:
     def _enter(self, phase: str) -> None:
         self.phase = phase
         self._tick(0, 0)
-        if self.opts.fault_hook == f"oom:{phase}":
-            raise torch.cuda.OutOfMemoryError(f"simulated out of memory in {phase}")
 
     def _finish(self, phase: str) -> None:
         now = time.perf_counter()
@@ -90,6 +91,10 @@ class _Probe:
         self.tracer.sample()
         if self.hooks.should_cancel and self.hooks.should_cancel():
             raise ProbeCancelled("the job was cancelled", phase=self.phase)
+        if self.hooks.deadline is not None and time.monotonic() > self.hooks.deadline:
+            self.tracer.mark(self.phase)        # the trace ends where the job stopped
+            raise DeadlineExceeded("the job ran past its deadline", phase=self.phase,
+                                   trace=list(self.tracer.trace))
         if self.hooks.progress:
             self.hooks.progress(self.phase, done, total)
 

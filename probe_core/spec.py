@@ -84,4 +84,3 @@ class RuntimeOptions:
     max_trainable_params: int = 50_000_000
     autocast_dtype: str | None = "auto"      # auto: bf16 on CUDA when supported, else none
     grad_method: str = "auto"                # auto | hooks | two_backward
-    fault_hook: str | None = None            # tests only: "oom:<phase>" raises an OOM there

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from conftest import Server
 from schemas import ErrorCode, JobStatus, ProbeJob, ProbeRequest
-from service.worker import FAULT_SEED
+from faults import FAULT_SEED
 from test_service import poll, quick_request, slow_request, wait_running
 
 TOKEN = "reliability-token"

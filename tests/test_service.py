@@ -16,7 +16,7 @@ import pytest
 from schemas import ErrorCode, JobStatus, ProbeJob, ProbeRequest, ProbeResult
 from service.client import ProbeFailed, ProbeHTTPError
 from conftest import ONE_THREAD
-from service.worker import FAULT_SEED
+from faults import FAULT_SEED
 
 TOKEN = "s3cret-token"
 SERVER_ENV = {"api_token": TOKEN, "fault_hook": "oom:gradients", "max_body_bytes": "200000"}
