@@ -7,7 +7,6 @@ import math
 from importlib import metadata
 
 from probe_core import spec as core
-from probe_core.errors import InvalidRequest
 from probe_core.outcome import ProbeOutcome
 from probe_core.trainer_state import trainer_step
 from schemas import ProbeRequest, ProbeResult
@@ -84,15 +83,10 @@ def _checkpoint(ck: core.CheckpointSpec | None) -> dict:
 
 
 def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None) -> ProbeResult:
-    """ProbeOutcome → ProbeResult (validated by pydantic on construction). A δH₁ that is not
-    a number is an error, not a result: clamped, it would read as a real estimate.
+    """ProbeOutcome → ProbeResult (validated by pydantic on construction; run_probe has
+    already refused a δH₁ that is not a number, probe_core.probe.check_finite).
     `checkpoint` (the spec's) fills result.checkpoint and result.checkpoint_step."""
-    d, u = out.delta_h1, out.delta_h1.u_plain
-    if not math.isfinite(d.total):
-        raise InvalidRequest(
-            f"δH₁ came out {d.total}: the step overflowed the model's precision; scale the "
-            "rewards or the lr down, raise length_norm_constant, or check the optimizer "
-            "state's lr/eps", phase="step")
+    d, u = out.delta_h1, out.delta_h1.u_statistic
     mem = out.memory
     return ProbeResult(
         delta_h1=wire.DeltaH1(
