@@ -11,7 +11,7 @@ UNFINISHED = {"queued", "running", "cancelling"}
 
 def row(job: JobView) -> JobRow:
     r = job.result
-    out = JobRow(id=job.id, status=job.status, phase=job.phase, run=job.run,
+    out = JobRow(id=job.id, status=job.status, progress=job.progress, run=job.run,
                  checkpoint=job.adapter, duration_s=job.duration_s, error=job.error)
     if r is None:
         return out

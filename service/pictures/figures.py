@@ -71,6 +71,8 @@ def run_figure(run: str, jobs: list[JobView]) -> dict:
         xs = list(range(1, len(done) + 1))
         x_title = "job, oldest first (no checkpoint-N folder, so no step)"
     ids = [j.id for j in done]
+    # lines join one job per step; several jobs at one step (seeds, batches) stand as points
+    mode = "lines+markers" if len(set(xs)) == len(xs) else "markers"
     fig = go.Figure(layout=_layout(f"δH₁ vs realized ΔH · run {short_path(run)}", x_title,
                                    f"ΔH per step ({entropy_unit(done[0].result)})"
                                    if done else "ΔH per step", scattermode="group",
@@ -78,7 +80,7 @@ def run_figure(run: str, jobs: list[JobView]) -> dict:
     fig.add_scatter(
         x=xs, y=[j.result.delta_h1.total for j in done], customdata=ids,
         error_y=_errors([j.result.delta_h1.se for j in done]), name="δH₁ predicted ± 1 SE",
-        mode="lines+markers", marker={"color": PREDICTED, "size": 9},
+        mode=mode, marker={"color": PREDICTED, "size": 9},
         line={"color": PREDICTED, "dash": "dot"},
         hovertemplate="%{customdata}<br>step %{x}<br>δH₁ %{y:.3e}<extra></extra>")
     realized = [j for j in done if j.result.realized is not None]
@@ -86,7 +88,7 @@ def run_figure(run: str, jobs: list[JobView]) -> dict:
         x=[x for x, j in zip(xs, done) if j.result.realized is not None],
         y=[j.result.realized.delta_h for j in realized], customdata=[j.id for j in realized],
         error_y=_errors([j.result.realized.se for j in realized]),
-        name="ΔH realized (SNIS) ± 1 SE", mode="lines+markers",
+        name="ΔH realized (SNIS) ± 1 SE", mode=mode,
         marker={"color": REALIZED, "size": 9, "symbol": "diamond"},
         line={"color": REALIZED, "dash": "dot"},
         hovertemplate="%{customdata}<br>step %{x}<br>ΔH %{y:.3e}<extra></extra>")

@@ -33,8 +33,7 @@
   function columns(jobs) {
     const cols = [
       ["job", (j) => j.id, "id"],
-      ["status", (j) => j.status + (j.phase && j.status !== "queued" ? " · " + j.phase : ""),
-       "status"],
+      ["status", (j) => j.status + (j.progress ? " · " + j.progress : ""), "status"],
       ["checkpoint", (j) => short(j.checkpoint), ""],
       ["step", (j) => j.step === null ? "" : String(j.step), "num"],
       ["δH₁ ± SE (predicted)", (j) => pm(j.delta_h1, j.delta_h1_se), "num"],
