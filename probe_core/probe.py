@@ -148,7 +148,7 @@ class _Probe:
         """c^X and c^Y per sequence [N] (float64, divided by the prompts per unit), and A."""
         b, g = batch.num_prompts, batch.group_size
         obj = self.spec.objective
-        adv = rw.advantages(rewards, obj.advantage)                                  # [B, G]
+        adv = rw.advantages(rewards, obj.advantage, obj.advantage_eps)          # [B, G]
         const = obj.length_norm_constant or self.spec.generation.max_new_tokens
         ell = rw.length_norm(batch.lengths.view(b, g), obj.length_norm, const)       # [B, G]
         c_y = adv / (g * ell)
@@ -225,7 +225,7 @@ class _Probe:
         realized = None
         if spec.realized.enabled:
             self._enter("realized")
-            realized = self._realized(forcer, flat_chunks, s, swap, step, b, g)
+            realized = self._realized(forcer, flat_chunks, s, rewards, swap, step, b, g)
             self._finish("realized")
         out = self._outcome(ck, batch, rewards, adv, s, estimate, step, hyper, realized,
                             updated, acc.method, n_units)
@@ -293,8 +293,8 @@ class _Probe:
         if n_units < 3:
             self.warnings.append("fewer than 3 units: the jackknife SE is undefined (null)")
 
-    def _realized(self, forcer, chunks, s, swap: ParameterSwap, step: AdamWStep, b: int,
-                  g: int) -> RealizedOutcome:
+    def _realized(self, forcer, chunks, s, rewards, swap: ParameterSwap, step: AdamWStep,
+                  b: int, g: int) -> RealizedOutcome:
         spec = self.spec.realized
         rows = []
         total = len(chunks) * len(spec.lr_multipliers)
@@ -307,7 +307,7 @@ class _Probe:
                 self.passes.forward_no_grad += s.numel()
                 swap.restore()
                 rows.append((mult, snis(s.view(b, g), s_after.view(b, g), spec.normalization,
-                                        spec.psis)))
+                                        spec.psis, rewards)))
         finally:
             swap.restore()
         h0, h0_se = entropy_before(s.view(b, g))

@@ -31,9 +31,10 @@ class GenerationSpec:
 
 @dataclass
 class ObjectiveSpec:
-    advantage: str = "mean_centered"        # mean_centered | standardized
-    length_norm: str = "constant"           # constant | group_max | per_sequence
+    advantage: str = "mean_centered"        # mean_centered | standardized | batch_standardized
+    length_norm: str = "constant"           # constant | group_max | per_sequence | token_mean
     length_norm_constant: float | None = None
+    advantage_eps: float | None = None      # None: the kind's default (rewards.advantages)
 
 
 @dataclass
