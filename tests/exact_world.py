@@ -68,6 +68,24 @@ def exact_entropy(model, prompts: list[list[int]], vocab: int, eos: int, max_new
     return torch.stack(hs).mean()
 
 
+def set_flat(params, flat: torch.Tensor) -> None:
+    """Copy the flat float64 vector `flat` [P] into the parameters, in order."""
+    off = 0
+    for p in params:
+        p.data.copy_(flat[off:off + p.numel()].view(p.shape).to(p.dtype))
+        off += p.numel()
+
+
+def value_at(params, theta: torch.Tensor, restore: torch.Tensor, fn) -> float:
+    """float(fn()) without gradients at parameters θ, then the parameters set back to restore."""
+    with torch.no_grad():
+        set_flat(params, theta)
+        try:
+            return float(fn())
+        finally:
+            set_flat(params, restore)
+
+
 def flat_grad(value: torch.Tensor, params) -> torch.Tensor:
     grads = torch.autograd.grad(value, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from exact_world import exact_reward, flat_grad, load_policy, sampled_rollouts
+from exact_world import exact_reward, flat_grad, load_policy, sampled_rollouts, value_at
 from probe_core.probe import run_probe
 from probe_core.spec import (CheckpointSpec, GenerationSpec, ObjectiveSpec, ProbeSpec,
                              RealizedSpec)
@@ -48,18 +48,8 @@ class RewardWorld:
     reward_fn: object
 
     def j_at(self, theta: torch.Tensor) -> float:
-        with torch.no_grad():
-            _set(self.params, theta)
-            value = float(_batch_reward(self.model, self.counts, self.reward_fn))
-            _set(self.params, self.theta)
-        return value
-
-
-def _set(params, flat: torch.Tensor) -> None:
-    off = 0
-    for p in params:
-        p.data.copy_(flat[off:off + p.numel()].view(p.shape).to(p.dtype))
-        off += p.numel()
+        return value_at(self.params, theta, self.theta,
+                        lambda: _batch_reward(self.model, self.counts, self.reward_fn))
 
 
 def _batch_reward(model, counts: dict, reward_fn) -> torch.Tensor:
