@@ -1,24 +1,15 @@
-"""Shared fixtures: a tiny real checkpoint, and real `entropy-probe serve` processes on
-127.0.0.1 (free port, own state dir) that are always stopped."""
+"""Shared fixtures: a tiny real checkpoint, real `entropy-probe serve` processes on 127.0.0.1
+(free port, own state dir) that are always stopped, and the broken checkpoints and guarded server
+of the reliability modules. The classes and functions behind them are in helpers.py."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from service.demo import free_port
-
-READY_TIMEOUT_S = 90.0
-# Tiny models on a shared CPU: torch's OpenMP threads spin against other processes and make
-# each op ~20x slower; one thread per worker is faster and predictable.
-ONE_THREAD = "1"
+from helpers import FIGURES, RELIABILITY_TOKEN, Server, figures_line, write_broken_checkpoints
 
 
 @pytest.fixture(scope="session")
@@ -27,68 +18,6 @@ def tiny_checkpoint(tmp_path_factory) -> tuple[str, str]:
     checkpoint root of the test servers."""
     from probe_core.tiny import write_tiny_checkpoint
     return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
-
-
-class Server:
-    """One `entropy-probe serve` subprocess."""
-
-    def __init__(self, cwd: Path, state_dir: Path, roots: str, token: str | None = None,
-                 **env: str):
-        self.port, self.token, self.cwd = free_port(), token, cwd
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = dict(os.environ, ENTROPY_PROBE_STATE_DIR=str(state_dir),
-                        ENTROPY_PROBE_CHECKPOINT_ROOTS=roots, ENTROPY_PROBE_DEVICE="cpu",
-                        OMP_NUM_THREADS=ONE_THREAD,
-                        **{f"ENTROPY_PROBE_{k.upper()}": v for k, v in env.items()})
-        self.env.pop("ENTROPY_PROBE_API_TOKEN", None)
-        if token:
-            self.env["ENTROPY_PROBE_API_TOKEN"] = token
-        self.log = open(cwd / f"server-{self.port}.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
-             "--log-level", "warning"], cwd=cwd, env=self.env, stdout=self.log,
-            stderr=subprocess.STDOUT)
-        self.http = httpx.Client(base_url=self.url, timeout=30.0, headers=self.auth())
-
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
-
-    def client(self):
-        from service.client import ProbeClient
-        return ProbeClient(self.url, token=self.token)
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S, not_pid: int | None = None) -> int:
-        """Poll /readyz until 200 (with a worker pid other than not_pid); returns the pid."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {self.read_log()[-2000:]}"
-            try:
-                r = self.http.get("/readyz", timeout=2.0)
-                if r.status_code == 200 and r.json()["worker_pid"] != not_pid:
-                    return r.json()["worker_pid"]
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready in {timeout} s: {self.read_log()[-2000:]}")
-
-    def read_log(self) -> str:
-        self.log.flush()
-        return (self.cwd / f"server-{self.port}.log").read_text()
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        self.http.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
 
 
 @pytest.fixture
@@ -122,3 +51,44 @@ def module_server(tmp_path_factory, tiny_checkpoint, request):
         yield server
     finally:
         server.stop()
+
+
+# -- the reliability modules ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def report_figures(request):
+    """Counts the module's requests, faults and jobs (helpers.FIGURES) and prints them at its
+    end, even without -s."""
+    FIGURES.clear()
+    yield
+    line = figures_line(request.module.__name__, request.session.testsfailed)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is None:
+        print("\n" + line)
+        return
+    with capture.global_and_fixture_disabled():
+        print("\n" + line)
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
+    """Checkpoints that fail in every way a user can cause (helpers.write_broken_checkpoints)."""
+    return write_broken_checkpoints(tmp_path_factory.mktemp("broken"),
+                                    tmp_path_factory.mktemp("outside"), tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_checkpoint, broken):
+    """The guarded server of the reliability modules: token, OOM fault hook in teacher forcing,
+    a LoRA guard between the adapter's and the full model's parameter counts, a 100 kB body
+    limit; roots: the tiny checkpoint and the broken ones."""
+    tmp = tmp_path_factory.mktemp("reliability-server")
+    roots = os.pathsep.join([os.path.dirname(tiny_checkpoint[0]), str(broken["root"])])
+    srv = Server(tmp, tmp / "state", roots, RELIABILITY_TOKEN, fault_hook="oom:teacher_forcing",
+                 max_trainable_params=str(broken["limit"]), max_body_bytes="100000")
+    srv.private = [str(broken["outside"])]
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

@@ -8,61 +8,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
+from helpers import JOB_TIMEOUT_S, ONE_THREAD, poll, quick_request, slow_request, wait_running
 from schemas import ErrorCode, JobStatus, ProbeJob, ProbeRequest, ProbeResult
 from service.client import ProbeFailed, ProbeHTTPError
-from conftest import ONE_THREAD
 from service.worker import FAULT_SEED
 
 TOKEN = "s3cret-token"
 SERVER_ENV = {"api_token": TOKEN, "fault_hook": "oom:gradients", "max_body_bytes": "200000"}
-JOB_TIMEOUT_S = 120.0
 pytestmark = pytest.mark.timeout(300)
-
-
-def quick_request(ck: tuple[str, str], seed: int = 0, **extra) -> dict:
-    """Client rollouts with provided rewards varying within each prompt (non-zero advantages)."""
-    base, adapter = ck
-    rollouts = [{"prompt": p, "responses": [a, "7", f"{a} ?", "#"],
-                 "rewards": [1.0, 0.0, 0.5, 0.0]}
-                for p, a in (("1+2=", "3"), ("3+1=", "4"), ("2+2=", "4"), ("0+4=", "4"))]
-    return {"checkpoint": {"base_model": base, "adapter": adapter}, "rollouts": rollouts,
-            "reward": {"kind": "provided"}, "seed": seed, **extra}
-
-
-def slow_request(ck: tuple[str, str]) -> dict:
-    """Sampled rollouts, 256 sequences of up to 48 tokens, one sequence per chunk: seconds of
-    work with many chunk boundaries. Tests cancel or kill it; it never runs to the end."""
-    base, adapter = ck
-    pairs = [(a, b) for a in range(5) for b in range(5)][:16]
-    return {"checkpoint": {"base_model": base, "adapter": adapter},
-            "prompts": [f"{a}+{b}=" for a, b in pairs],
-            "answers": [str(a + b) for a, b in pairs], "responses_per_prompt": 16,
-            "generation": {"max_new_tokens": 48, "batch_size": 4},
-            "memory": {"teacher_force_microbatch_size": 1},
-            "realized": {"lr_multipliers": [1.0, 0.5, 2.0]}}
-
-
-def poll(server, job_id: str, until, timeout: float = JOB_TIMEOUT_S) -> ProbeJob:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = server.http.get(f"/probes/{job_id}")
-        assert r.status_code == 200, r.text
-        job = ProbeJob.model_validate(r.json())
-        if until(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never reached the expected state: {r.json()}")
-
-
-def wait_running(server, job_id: str) -> ProbeJob:
-    """Until the worker is inside the probe (past loading), so a cancel or kill hits mid-run."""
-    return poll(server, job_id, lambda j: j.status.finished or j.progress.phase in (
-        "rollouts", "teacher_forcing", "gradients"))
 
 
 def worker_rss(pid: int) -> int:

@@ -24,7 +24,7 @@ from peft import LoraConfig  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from conftest import Server  # noqa: E402
+from helpers import Server  # noqa: E402
 from probe_core.checkpoint import ModelCache, open_checkpoint  # noqa: E402
 from probe_core.spec import CheckpointSpec, RuntimeOptions  # noqa: E402
 from probe_core.tiny import TinyConfig, build_tokenizer, write_tiny_base  # noqa: E402
