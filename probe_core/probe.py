@@ -25,8 +25,8 @@ import torch
 
 from probe_core.adamw import AdamWState, AdamWStep, adamw_step
 from probe_core.checkpoint import LoadedCheckpoint, ModelCache, open_checkpoint
-from probe_core.errors import (CheckpointInvalid, DegenerateBatch, InvalidRequest,
-                               ProbeCancelled, ProbeOutOfMemory)
+from probe_core.errors import (CheckpointInvalid, DeadlineExceeded, DegenerateBatch,
+                               InvalidRequest, ProbeCancelled, ProbeOutOfMemory)
 from probe_core.estimators import (DeltaH1, Estimator, UnitDots, UnitLayout, UnitMeans,
                                    estimator_for, unit_dots)
 from probe_core.gradients import FlatParams, GradientAccumulator
@@ -54,10 +54,12 @@ NOISE_CHECK_SEQUENCES = 8   # sequences recomputed with another chunking for the
 @dataclass
 class ProbeHooks:
     """Callbacks from the worker: progress(phase, done, total) and a cancel flag polled at every
-    chunk boundary."""
+    chunk boundary; past `deadline` (a time.monotonic() value) the next boundary raises
+    DeadlineExceeded."""
 
     progress: Callable[[str, int, int], None] | None = None
     should_cancel: Callable[[], bool] | None = None
+    deadline: float | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,8 +117,6 @@ class _Probe:
     def _enter(self, phase: Phase) -> None:
         self.phase = phase
         self._tick(0, 0)
-        if self.opts.fault_hook == f"oom:{phase}":
-            raise torch.cuda.OutOfMemoryError(f"simulated out of memory in {phase}")
 
     def _finish(self, phase: Phase) -> None:
         now = time.perf_counter()
@@ -128,6 +128,10 @@ class _Probe:
         self.tracer.sample()
         if self.hooks.should_cancel and self.hooks.should_cancel():
             raise ProbeCancelled("the job was cancelled", phase=self.phase)
+        if self.hooks.deadline is not None and time.monotonic() > self.hooks.deadline:
+            self.tracer.mark(self.phase)        # the trace ends where the job stopped
+            raise DeadlineExceeded("the job ran past its deadline", phase=self.phase,
+                                   trace=list(self.tracer.trace))
         if self.hooks.progress:
             self.hooks.progress(self.phase, done, total)
 

@@ -99,4 +99,3 @@ class RuntimeOptions:
     max_trainable_params: int = DEFAULT_MAX_TRAINABLE_PARAMS
     autocast_dtype: str | None = "auto"      # auto: bf16 on CUDA when supported, else none
     grad_method: GradMethod = "auto"
-    fault_hook: str | None = None            # tests only: "oom:<phase>" raises an OOM there
