@@ -130,6 +130,11 @@ class Environment(_Out):
     entropy_probe: str
 
 
+class CheckpointEcho(_Out):
+    base_model: str | None = Field(description="As requested (null: the adapter config's base).")
+    adapter: str | None
+
+
 class ProbeResult(_Out):
     delta_h1: DeltaH1
     realized: Realized | None
@@ -142,3 +147,9 @@ class ProbeResult(_Out):
     environment: Environment
     updated_adapter: str | None = None
     warnings: list[str] = Field(default_factory=list)
+    checkpoint: CheckpointEcho | None = Field(
+        None, description="The checkpoint paths probed; /ui and `report` group the jobs of one "
+        "run by the adapter's parent directory.")
+    checkpoint_step: int | None = Field(
+        None, description="Global step of a TRL / HF Trainer `checkpoint-N` folder (its "
+        "trainer_state.json, else the folder name); null for other checkpoints.")

@@ -8,6 +8,7 @@ from importlib import metadata
 
 from probe_core import spec as core
 from probe_core.outcome import ProbeOutcome
+from probe_core.trainer_state import trainer_step
 from schemas import ProbeRequest, ProbeResult
 from schemas import result as wire
 
@@ -79,9 +80,18 @@ def _realized(out: ProbeOutcome) -> wire.Realized | None:
         log_weight_noise_floor=_finite(r.noise_floor), by_lr_multiplier=rows)
 
 
-def to_result(out: ProbeOutcome) -> ProbeResult:
+def _checkpoint(ck: core.CheckpointSpec | None) -> dict:
+    """The result's checkpoint echo and TRL step (both null when the caller has no spec)."""
+    if ck is None:
+        return {}
+    return {"checkpoint": wire.CheckpointEcho(base_model=ck.base_model, adapter=ck.adapter),
+            "checkpoint_step": trainer_step(ck.adapter or ck.base_model)}
+
+
+def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None) -> ProbeResult:
     """ProbeOutcome → ProbeResult (validated by pydantic on construction; run_probe has
-    already refused a δH₁ that is not a number, probe_core.probe.check_finite)."""
+    already refused a δH₁ that is not a number, probe_core.probe.check_finite).
+    `checkpoint` (the spec's) fills result.checkpoint and result.checkpoint_step."""
     d, u = out.delta_h1, out.delta_h1.u_statistic
     mem = out.memory
     return ProbeResult(
@@ -116,4 +126,4 @@ def to_result(out: ProbeOutcome) -> ProbeResult:
                                      peft=_version("peft"),
                                      entropy_probe=_version("entropy-probe")),
         updated_adapter=out.updated_adapter,
-        warnings=out.warnings)
+        warnings=out.warnings, **_checkpoint(checkpoint))
