@@ -57,6 +57,10 @@ def _version(pkg: str) -> str:
         return "unknown"
 
 
+def _reward(est, name: str) -> float | None:
+    return None if est.reward is None else _finite(getattr(est.reward, name))
+
+
 def _realized(out: ProbeOutcome) -> wire.Realized | None:
     r = out.realized
     if r is None:
@@ -64,13 +68,15 @@ def _realized(out: ProbeOutcome) -> wire.Realized | None:
     total = out.delta_h1.total
     rows = [wire.RealizedRow(lr_multiplier=s, delta_h=_num(e.delta_h), se=_finite(e.se),
                              delta_h1=_num(s * total), ess_fraction=_num(e.ess_fraction),
-                             psis_k=_finite(e.psis_k)) for s, e in r.by_multiplier]
+                             psis_k=_finite(e.psis_k), delta_j=_reward(e, "delta_j"),
+                             delta_j_se=_reward(e, "se")) for s, e in r.by_multiplier]
     _, main = r.main
     return wire.Realized(
         delta_h=_num(main.delta_h), se=_finite(main.se), h_before=_num(r.h_before),
         h_before_se=_finite(r.h_before_se), h_after=_num(main.h_after), ess=_num(main.ess),
         ess_fraction=_num(main.ess_fraction), psis_k=_finite(main.psis_k),
         low_ess=not main.ess_fraction >= r.ess_threshold, normalization=r.normalization,
+        delta_j=_reward(main, "delta_j"), delta_j_se=_reward(main, "se"),
         log_weight_noise_floor=_finite(r.noise_floor), by_lr_multiplier=rows)
 
 
