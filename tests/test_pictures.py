@@ -222,6 +222,18 @@ def test_figures_of_a_cuda_trace_and_missing_statistics_are_valid_json(module_se
     assert [t["y"] for t in dashed] == [[510, 510], [900, 900], [700, 700]]
     assert "peak device 900 MiB" in memory["layout"]["annotations"][0]["text"]
 
+    # an out-of-memory failure keeps its trace: the memory plot shows where it grew
+    from schemas import ProbeJob
+    failed = ProbeJob.model_validate({
+        "id": "oom", "status": "failed", "created_at": "2026-01-01T00:00:00Z",
+        "error": {"code": "out_of_memory", "message": "CUDA out of memory", "phase": "gradients",
+                  "memory_trace": [t.model_dump() for t in trace[:2]]}})
+    board = dashboard.build([JobView.from_job(failed), view], detail="oom")
+    plots = board.details["oom"]
+    assert plots.lr_curve is None and "up to the failure" in plots.memory["layout"]["title"]["text"]
+    assert "peak device 900 MiB" in plots.memory["layout"]["annotations"][0]["text"]
+    assert board.jobs[0].error.startswith("[out_of_memory] CUDA out of memory (gradients)")
+
     bad = tmp_path / "not-a-result.json"
     bad.write_text(json.dumps({"hello": 1}))
     with pytest.raises(ValueError, match="delta_h1"):

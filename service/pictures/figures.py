@@ -143,16 +143,16 @@ def phase_colour(phase: str, seen: dict[str, str]) -> str:
 
 def memory_figure(job: JobView) -> dict | None:
     """Host RSS (solid) and, on CUDA, the device peak within each phase (dashed), over the
-    probe's time; each phase is drawn in its colour over the time it took."""
-    r = job.result
-    if r is None or not r.memory.trace:
+    probe's time; each phase is drawn in its colour over the time it took. A failed job's
+    trace (out of memory, deadline) ends at the phase it failed in."""
+    trace = job.memory_trace
+    if not trace:
         return None
-    trace = r.memory.trace
-    y_title = "host RSS, MiB" + (" (dashed: device peak)" if r.memory.peak_device_bytes
-                                 is not None else "")
-    fig = go.Figure(layout=_layout(f"Memory by phase · {job.id}",
-                                   "time since the probe started (s)", y_title,
-                                   legend_title_text="phase"))
+    y_title = "host RSS, MiB" + (" (dashed: device peak)" if any(
+        p.device_peak_bytes is not None for p in trace) else "")
+    title = "Memory by phase" + (" up to the failure" if job.result is None else "")
+    fig = go.Figure(layout=_layout(f"{title} · {job.id}", "time since the probe started (s)",
+                                   y_title, legend_title_text="phase"))
     spare: dict[str, str] = {}
     shown: set[str] = set()
     start_t, start_rss = 0.0, None
@@ -175,9 +175,18 @@ def memory_figure(job: JobView) -> dict | None:
                 showlegend=False, line={"color": colour, "width": 2, "dash": "dash"},
                 hovertemplate=f"{point.phase}<br>device peak %{{y:.0f}} MiB<extra></extra>")
         start_t, start_rss = point.t, rss
-    peak_note = f"peak host RSS {r.memory.peak_host_rss_bytes / MIB:.0f} MiB"
-    if r.memory.peak_device_bytes is not None:
-        peak_note += f" · peak device {r.memory.peak_device_bytes / MIB:.0f} MiB"
-    fig.add_annotation(text=peak_note, xref="paper", yref="paper", x=0, y=1.0, yanchor="bottom",
-                       showarrow=False, font={"size": 12, "color": "#555"})
+    fig.add_annotation(text=_peaks(job, trace), xref="paper", yref="paper", x=0, y=1.0,
+                       yanchor="bottom", showarrow=False, font={"size": 12, "color": "#555"})
     return _json(fig)
+
+
+def _peaks(job: JobView, trace: list) -> str:
+    """The peaks the result reports (they include samples between marks), else the trace's."""
+    if job.result is not None:
+        host, device = job.result.memory.peak_host_rss_bytes, job.result.memory.peak_device_bytes
+    else:
+        host = max(p.host_rss_bytes for p in trace)
+        device = max((p.device_peak_bytes for p in trace if p.device_peak_bytes is not None),
+                     default=None)
+    note = f"peak host RSS {host / MIB:.0f} MiB"
+    return note + (f" · peak device {device / MIB:.0f} MiB" if device is not None else "")

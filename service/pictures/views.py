@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from schemas import JobStatus, ProbeJob, ProbeResult
+from schemas.result import TracePoint
 
 NO_RUN = "(checkpoint path unknown)"
 
@@ -22,6 +23,12 @@ class JobView:
     duration_s: float | None = None   # finished − started, else the probe's own total time
     error: str | None = None          # "[code] message (phase)" of a failed job
     progress: str | None = None       # of an unfinished job: "teacher_forcing 12/60"
+    failure_trace: tuple[TracePoint, ...] = ()   # memory up to an OOM or a deadline
+
+    @property
+    def memory_trace(self) -> list[TracePoint]:
+        return list(self.result.memory.trace) if self.result is not None else list(
+            self.failure_trace)
 
     @property
     def adapter(self) -> str | None:
@@ -50,9 +57,11 @@ class JobView:
         progress = None
         if job.status == JobStatus.running:
             progress = p.phase + (f" {p.done}/{p.total}" if p.total else "")
+        trace = job.error.memory_trace if job.error is not None else None
         return cls(id=job.id, status=job.status.value, result=job.result,
                    created_at=job.created_at, duration_s=duration, error=error,
-                   progress=progress)
+                   progress=progress,
+                   failure_trace=tuple(TracePoint.model_validate(t) for t in trace or ()))
 
     @classmethod
     def from_file(cls, path: str | Path) -> JobView:

@@ -108,7 +108,7 @@
     });
   }
 
-  function renderDetails(details) {
+  function renderDetails(details, jobs) {
     const box = $("ep-details");
     const ids = Object.keys(details);
     for (const child of Array.from(box.children))
@@ -122,6 +122,10 @@
         section = el("div", { class: "job-detail", "data-job": id, id: "job-" + id });
         const h = el("h2", {}, "Job ");
         h.appendChild(el("code", {}, id));
+        const job = jobs.find((j) => j.id === id);
+        if (job && job.checkpoint)
+          h.append(" · " + short(job.checkpoint) +
+                   (job.step === null ? "" : " · step " + job.step));
         section.append(h, el("div", { class: "grid" }));
         box.appendChild(section);
       }
@@ -138,7 +142,7 @@
     renderTable(dash.jobs);
     plots($("ep-runs"), dash.runs.map((r) => ["run:" + r.run, r.figure]));
     $("ep-no-runs").hidden = dash.runs.length > 0;
-    renderDetails(dash.details);
+    renderDetails(dash.details, dash.jobs);
   }
 
   function status(text, bad) {
