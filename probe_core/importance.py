@@ -25,6 +25,15 @@ import torch
 
 
 @dataclass
+class RewardChange:
+    """J(θ⁺) − J(θ) on the same responses, rewards fixed per response."""
+
+    j_after: float
+    delta_j: float
+    se: float | None
+
+
+@dataclass
 class SnisEstimate:
     """Fields: h_after Ĥ(θ⁺); delta_h Ĥ(θ⁺) − Ĥ(θ); se (delta method, None where undefined);
     ess (Σw)²/Σw²; ess_fraction ESS/(B·G); psis_k k̂ (None when not computed)."""
@@ -35,6 +44,7 @@ class SnisEstimate:
     ess: float
     ess_fraction: float
     psis_k: float | None
+    reward: RewardChange | None = None     # the mean reward's change on the same weights
 
 
 @dataclass
@@ -109,26 +119,50 @@ def psis_k(log_w: torch.Tensor) -> float | None:
     return k if math.isfinite(k) else None
 
 
-def snis(before: EntropySample, after: EntropySample, normalization: str, psis: bool
-         ) -> SnisEstimate:
-    """Entropy after the step, Ĥ(θ⁺) = Σ ŵ f⁺ / Σ ŵ L, and its change from Ĥ(θ); the
-    weights are w = exp(log_weight) of `after`, normalized over all B·G samples (`global`) or
-    within each prompt (`per_prompt`: the ratio of the prompt means of f⁺ and L)."""
-    log_w, f, ell = after.log_weight, after.value, after.length                # [B, G]
-    b, g = log_w.shape
+def _snis_mean(log_w: torch.Tensor, f: torch.Tensor, normalization: str
+               ) -> tuple[float, torch.Tensor]:
+    """Σ ŵ f, the self-normalized weighted mean of per-sample values f after the step, and each
+    sample's influence φ = (w/w̄)(f − Σŵf) (within its prompt for `per_prompt`): the delta-method
+    linearization of the ratio, whose stratified spread gives the SE.
+
+    Args: log_w, f: [B, G] float64. Returns (the mean over prompts, φ [B, G]).
+    """
     if normalization == "global":
         w = torch.exp(log_w - log_w.max())
-        h_after = float((w * f).sum() / (w * ell).sum())
-        phi = w * (f - h_after * ell) / (w * ell).mean()                      # influence
-    elif normalization == "per_prompt":
+        after = (w * f).sum() / w.sum()
+        phi = w * (f - after) / w.mean()                                   # [B, G]
+        return float(after), phi
+    if normalization == "per_prompt":
         w = torch.exp(log_w - log_w.max(dim=1, keepdim=True).values)
-        w_bar = w.mean(dim=1, keepdim=True)                                   # [B, 1]
-        f_n = (w * f).sum(1, keepdim=True) / w.sum(1, keepdim=True)           # [B, 1]
-        ell_n = (w * ell).sum(1, keepdim=True) / w.sum(1, keepdim=True)
-        h_after = float(f_n.mean() / ell_n.mean())
-        phi = w * (f - f_n - h_after * (ell - ell_n)) / w_bar / ell_n.mean()
-    else:
-        raise ValueError(f"unknown normalization {normalization!r}")
+        after_n = (w * f).sum(1, keepdim=True) / w.sum(1, keepdim=True)    # [B, 1]
+        phi = w * (f - after_n) / w.mean(dim=1, keepdim=True)
+        return float(after_n.mean()), phi
+    raise ValueError(f"unknown normalization {normalization!r}")
+
+
+def reward_change(log_w: torch.Tensor, rewards: torch.Tensor, normalization: str
+                  ) -> RewardChange:
+    """The mean reward after the step by SNIS, Ĵ(θ⁺) = Σ ŵ R, against Ĵ(θ) = mean R, with the
+    delta-method SE of the difference (prompts as strata).
+
+    Args: log_w (log π_θ⁺/π_θ of the responses), rewards: [B, G]."""
+    r = rewards.double()
+    j_after, phi = _snis_mean(log_w, r, normalization)
+    return RewardChange(j_after, j_after - float(r.mean()), _stratified_se(phi - r))
+
+
+def snis(before: EntropySample, after: EntropySample, normalization: str, psis: bool,
+         rewards: torch.Tensor | None = None) -> SnisEstimate:
+    """Entropy after the step, Ĥ(θ⁺) = Σ ŵ f⁺ / Σ ŵ L (the ratio of the two self-normalized
+    means), and its change from Ĥ(θ); the weights are w = exp(log_weight) of `after`,
+    normalized over all B·G samples (`global`) or within each prompt (`per_prompt`). With
+    rewards [B, G], the mean reward's change on the same weights too."""
+    log_w = after.log_weight                                                   # [B, G]
+    b, g = log_w.shape
+    value, phi_f = _snis_mean(log_w, after.value, normalization)
+    length, phi_l = _snis_mean(log_w, after.length, normalization)
+    h_after = value / length
+    phi = (phi_f - h_after * phi_l) / length           # influence of the ratio, [B, G]
     h_before, _ = entropy_before(before)
     # delta method: ΔH ≈ mean(φ) − mean(ψ), the linearized ratios after and before
     psi = (before.value - h_before * before.length) / before.length.mean()
@@ -136,8 +170,9 @@ def snis(before: EntropySample, after: EntropySample, normalization: str, psis: 
     wf = torch.exp(log_w - log_w.max()).reshape(-1)
     ess = float(wf.sum() ** 2 / (wf * wf).sum())
     k = psis_k(log_w.reshape(-1)) if psis else None
+    reward = None if rewards is None else reward_change(log_w, rewards, normalization)
     return SnisEstimate(h_after=h_after, delta_h=h_after - h_before, se=se, ess=ess,
-                        ess_fraction=ess / (b * g), psis_k=k)
+                        ess_fraction=ess / (b * g), psis_k=k, reward=reward)
 
 
 def per_prompt_change(before: EntropySample, after: EntropySample) -> torch.Tensor:

@@ -29,7 +29,7 @@ def update_weights(objective: ObjectiveSpec, max_new_tokens: int, rewards: torch
                    lengths: torch.Tensor) -> UpdateWeights:
     """Args: rewards [B, G]; lengths: response tokens [N]."""
     b, g = rewards.shape
-    adv = rw.advantages(rewards, objective.advantage)                             # [B, G]
+    adv = rw.advantages(rewards, objective.advantage, objective.advantage_eps)     # [B, G]
     const = objective.length_norm_constant or max_new_tokens
     ell = rw.length_norm(lengths.view(b, g), objective.length_norm, const)        # [B, G]
     return UpdateWeights(c_y=(adv / (g * ell)).reshape(-1), advantages=adv)

@@ -28,9 +28,9 @@ import torch
 
 from probe_core.adamw import AdamWState, AdamWStep, adamw_step
 from probe_core.checkpoint import LoadedCheckpoint, ModelCache, open_checkpoint
-from probe_core.errors import (CheckpointInvalid, DegenerateBatch, InvalidRequest,
-                               ProbeCancelled, ProbeOutOfMemory)
 from probe_core.entropy import EntropyScalars, SequenceStats, batch_scalars
+from probe_core.errors import (CheckpointInvalid, DeadlineExceeded, DegenerateBatch,
+                               InvalidRequest, ProbeCancelled, ProbeOutOfMemory)
 from probe_core.estimators import (DeltaH1, Estimator, UnitDots, UnitLayout, UnitMeans,
                                    estimator_for, unit_dots)
 from probe_core.gradients import FlatParams, GradientAccumulator
@@ -60,10 +60,12 @@ NOISE_CHECK_SEQUENCES = 8   # sequences recomputed with another chunking for the
 @dataclass
 class ProbeHooks:
     """Callbacks from the worker: progress(phase, done, total) and a cancel flag polled at every
-    chunk boundary."""
+    chunk boundary; past `deadline` (a time.monotonic() value) the next boundary raises
+    DeadlineExceeded."""
 
     progress: Callable[[str, int, int], None] | None = None
     should_cancel: Callable[[], bool] | None = None
+    deadline: float | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,8 +133,6 @@ class _Probe:
     def _enter(self, phase: Phase) -> None:
         self.phase = phase
         self._tick(0, 0)
-        if self.opts.fault_hook == f"oom:{phase}":
-            raise torch.cuda.OutOfMemoryError(f"simulated out of memory in {phase}")
 
     def _finish(self, phase: Phase) -> None:
         now = time.perf_counter()
@@ -144,6 +144,10 @@ class _Probe:
         self.tracer.sample()
         if self.hooks.should_cancel and self.hooks.should_cancel():
             raise ProbeCancelled("the job was cancelled", phase=self.phase)
+        if self.hooks.deadline is not None and time.monotonic() > self.hooks.deadline:
+            self.tracer.mark(self.phase)        # the trace ends where the job stopped
+            raise DeadlineExceeded("the job ran past its deadline", phase=self.phase,
+                                   trace=list(self.tracer.trace))
         if self.hooks.progress:
             self.hooks.progress(self.phase, done, total)
 
@@ -329,7 +333,8 @@ class _Probe:
                     value=values.entropy.double().view(shape) if full else -s_after,
                     length=length, log_weight=s_after - stats.logprob.double().view(shape))
                 samples.append(after)
-                rows.append((mult, snis(before, after, spec.normalization, spec.psis)))
+                rows.append((mult, snis(before, after, spec.normalization, spec.psis,
+                                        plan.rewards)))
         finally:
             swap.restore()
         h0, h0_se = entropy_before(before)

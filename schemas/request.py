@@ -11,6 +11,7 @@ MAX_SEQUENCES = 65536
 MAX_PATH_CHARS = 4096
 MAX_TOKEN_ID = 2**31 - 1
 MAX_ABS_REWARD = 1e6
+MAX_TIMEOUT_S = 30 * 86400   # 30 days: beyond this a deadline is a typo, not a plan
 MIN_TEMPERATURE = 1e-3       # logits / τ must stay finite in float32 and bfloat16
 
 
@@ -106,8 +107,17 @@ class RewardSpec(_Strict):
 
 
 class ObjectiveSpec(_Strict):
-    advantage: Literal["mean_centered", "standardized"] = "mean_centered"
-    length_norm: Literal["constant", "group_max", "per_sequence"] = "constant"
+    advantage: Literal["mean_centered", "standardized", "batch_standardized"] = Field(
+        "mean_centered", description="R − mean_g R; divided by (std_g R + ε) for "
+        "`standardized` (TRL scale_rewards='group'), by (std of all rewards + ε) for "
+        "`batch_standardized` (TRL scale_rewards='batch'). Unbiased stds.")
+    advantage_eps: float | None = Field(
+        None, gt=0.0, le=1.0, description="ε of the standardized advantages. Default 1e-6 for "
+        "`standardized` (verl's), 1e-4 for `batch_standardized` (TRL's); TRL uses 1e-4 for both.")
+    length_norm: Literal["constant", "group_max", "per_sequence", "token_mean"] = Field(
+        "constant", description="ℓ in the weight A/(G·ℓ): a constant C (Dr. GRPO), the group's "
+        "longest response, the response's own length (GRPO), or `token_mean`: each weight is "
+        "A/T_tot, T_tot the batch's response tokens (DAPO; TRL loss_type='dapo').")
     length_norm_constant: float | None = Field(
         None, ge=1e-3, description="C for length_norm=constant; default max_new_tokens "
         "(or the longest response for client rollouts).")
@@ -181,6 +191,11 @@ class ProbeRequest(_Strict):
     memory: MemorySpec = Field(default_factory=MemorySpec)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     save_updated_adapter_to: CheckpointPath | None = None
+    timeout_s: float | None = Field(
+        None, gt=0, le=MAX_TIMEOUT_S, description="Deadline in seconds from the moment a worker "
+        "starts the job (queue time does not count); past it the job stops at the next chunk "
+        "boundary and fails with deadline_exceeded. Default and ceiling: the server's "
+        "ENTROPY_PROBE_MAX_JOB_SECONDS (unset: no deadline).")
 
     @model_validator(mode="before")
     @classmethod

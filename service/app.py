@@ -12,10 +12,11 @@ from fastapi.exceptions import RequestValidationError
 from service.errors import validation_error
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestId
-from service.routers import health, probes
+from service.routers import docs, health, probes, ui
 from service.settings import Settings
 from service.store import JobStore
-from service.supervisor import Supervisor
+from service import worker
+from service.supervisor import Deadlines, Supervisor, WorkerMain
 from service.worker import WorkerConfig
 
 log = logging.getLogger("entropy_probe.app")
@@ -28,7 +29,10 @@ def _version() -> str:
         return "0"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, worker_main: WorkerMain = worker.main
+               ) -> FastAPI:
+    """The app; `worker_main` is the worker processes' entry point (tests pass one that
+    injects faults)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -39,22 +43,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("%d unfinished jobs from before the restart marked interrupted",
                         interrupted)
         cfg = WorkerConfig(settings.device, tuple(settings.roots), settings.trust_remote_code,
-                           settings.host_budget_bytes, settings.fault_hook,
-                           settings.max_trainable_params)
+                           settings.host_budget_bytes, settings.max_trainable_params,
+                           settings.cpu_threads)
+        deadlines = Deadlines(settings.max_job_seconds, settings.deadline_grace_seconds)
         app.state.store, app.state.metrics = store, Metrics()
-        app.state.supervisor = Supervisor(store, cfg, app.state.metrics)
+        app.state.supervisor = Supervisor(store, cfg, app.state.metrics, deadlines, worker_main)
         app.state.supervisor.start()
         try:
             yield
         finally:
             app.state.supervisor.stop()
 
+    # /docs and /redoc come from routers/docs.py (assets served locally, no CDN)
     app = FastAPI(title="entropy-probe", version=_version(), lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description="Predicts and measures how one AdamW step of RL fine-tuning "
                   "changes a policy's entropy. See DESIGN.md, 'HTTP contract'.")
     app.state.settings = settings
     app.include_router(health.router)
     app.include_router(probes.router)
+    app.include_router(ui.router)
+    app.include_router(docs.router)
 
     app.add_exception_handler(RequestValidationError, validation_error)
     # Added last = outermost: the request id exists before the body limit answers, and an

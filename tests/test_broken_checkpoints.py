@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from faults import FAULT_SEED
 from helpers import FIGURES, prompts_request, quick_request, request, slow_request, wait_job
 from schemas import ErrorCode, JobStatus
-from service.worker import FAULT_SEED
+
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("report_figures")]
 
