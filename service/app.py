@@ -9,14 +9,14 @@ from importlib import metadata
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
+from service.dependencies import Services
 from service.errors import validation_error
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestId
 from service.routers import health, probes
-from service.settings import Settings
+from service.settings import Settings, worker_config
 from service.store import JobStore
 from service.supervisor import Supervisor
-from service.worker import WorkerConfig
 
 log = logging.getLogger("entropy_probe.app")
 
@@ -38,16 +38,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if interrupted:
             log.warning("%d unfinished jobs from before the restart marked interrupted",
                         interrupted)
-        cfg = WorkerConfig(settings.device, tuple(settings.roots), settings.trust_remote_code,
-                           settings.host_budget_bytes, settings.fault_hook,
-                           settings.max_trainable_params)
-        app.state.store, app.state.metrics = store, Metrics()
-        app.state.supervisor = Supervisor(store, cfg, app.state.metrics)
-        app.state.supervisor.start()
+        metrics = Metrics()
+        supervisor = Supervisor(store, worker_config(settings), metrics)
+        app.state.services = Services(store, supervisor, metrics)
+        supervisor.start()
         try:
             yield
         finally:
-            app.state.supervisor.stop()
+            supervisor.stop()
+            store.close()
 
     app = FastAPI(title="entropy-probe", version=_version(), lifespan=lifespan,
                   description="Predicts and measures how one AdamW step of RL fine-tuning "

@@ -20,6 +20,8 @@ import re
 import time
 from dataclasses import dataclass
 
+from probe_core.spec import RuntimeOptions
+
 FAULT_SEED = 424242          # tests only: the fault hook fires for jobs with this seed
 PROGRESS_INTERVAL_S = 0.1
 CANCEL_ID_BYTES = 64
@@ -30,12 +32,11 @@ log = logging.getLogger("entropy_probe.worker")
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    device: str
-    checkpoint_roots: tuple[str, ...]
-    trust_remote_code: bool
+    """Built from Settings by service.settings.worker_config."""
+
+    options: RuntimeOptions
     host_budget_bytes: int
     fault_hook: str | None = None
-    max_trainable_params: int = 50_000_000
 
 
 @dataclass
@@ -106,7 +107,7 @@ def main(cfg: WorkerConfig, jobs, events, cancel_id) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)   # library deprecations, per job
     parent = os.getppid()
     cache = ModelCache()
-    events.put(Ready(os.getpid(), str(resolve_device(cfg.device))))
+    events.put(Ready(os.getpid(), str(resolve_device(cfg.options.device))))
     while True:
         try:
             job = jobs.get(timeout=IDLE_POLL_S)
@@ -126,7 +127,6 @@ def main(cfg: WorkerConfig, jobs, events, cancel_id) -> None:
 def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int):
     from probe_core.errors import ProbeError, ProbeOutOfMemory
     from probe_core.probe import ProbeHooks, run_probe
-    from probe_core.spec import RuntimeOptions
     from schemas import ProbeRequest
     from service.mapping import to_result, to_spec
 
@@ -146,11 +146,8 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int):
 
     try:
         req = ProbeRequest.model_validate_json(job.request_json)
-        opts = RuntimeOptions(
-            device=cfg.device, checkpoint_roots=list(cfg.checkpoint_roots),
-            trust_remote_code=cfg.trust_remote_code,
-            max_trainable_params=cfg.max_trainable_params,
-            fault_hook=cfg.fault_hook if req.seed == FAULT_SEED else None)
+        opts = dataclasses.replace(
+            cfg.options, fault_hook=cfg.fault_hook if req.seed == FAULT_SEED else None)
         spec = to_spec(req, host_budget_bytes=cfg.host_budget_bytes)
         outcome = run_probe(spec, opts, cache, ProbeHooks(progress, should_cancel))
         return JobDone(job.id, to_result(outcome).model_dump_json(), outcome.base_reused)

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import JOB_TIMEOUT_S, ONE_THREAD, poll, quick_request, slow_request, wait_running
 from schemas import ErrorCode, JobStatus, ProbeJob, ProbeRequest, ProbeResult
+from schemas.result import TracePoint
 from service.client import ProbeFailed, ProbeHTTPError
 from service.worker import FAULT_SEED
 
@@ -178,7 +179,8 @@ def test_oom_fails_the_job_with_trace_and_the_worker_goes_on(module_server, tiny
         err = failed.value.error
         assert failed.value.status == JobStatus.failed
         assert err.code == ErrorCode.out_of_memory and err.phase == "gradients"
-        assert err.memory_trace and {"phase", "host_rss_bytes"} <= set(err.memory_trace[0])
+        assert err.memory_trace and isinstance(err.memory_trace[0], TracePoint)
+        assert err.memory_trace[0].phase and err.memory_trace[0].host_rss_bytes > 0
         assert "microbatch" in err.message
         request = ProbeRequest.model_validate(quick_request(tiny_checkpoint, seed=1))
         after = client.wait(client.submit(request), JOB_TIMEOUT_S, poll=0.1)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
 from service.auth import require_token
+from service.dependencies import Services, get_services, get_supervisor
 from service.errors import error_response
+from service.supervisor import Supervisor
 
 router = APIRouter(tags=["health"])
 
@@ -39,9 +41,9 @@ _401_JSON = {401: {"description": "Missing or wrong bearer token", "content": {
 
 @router.get("/readyz", response_model=Ready, responses={503: {"model": NotReady}, **_401},
             dependencies=[Depends(require_token)])
-def readyz(request: Request):
+def readyz(supervisor: Supervisor = Depends(get_supervisor)):
     """200 with the device and worker pid when the device worker is up, else 503."""
-    ready = request.app.state.supervisor.ready()
+    ready = supervisor.ready()
     if ready is None:
         return JSONResponse(NotReady(detail="the device worker is starting").model_dump(),
                             status_code=503, headers={"Retry-After": "1"})
@@ -50,9 +52,9 @@ def readyz(request: Request):
 
 @router.get("/metrics", response_class=PlainTextResponse, responses=_401_JSON,
             dependencies=[Depends(require_token)])
-def metrics(request: Request) -> PlainTextResponse:
+def metrics(services: Services = Depends(get_services)) -> PlainTextResponse:
     """Prometheus text format."""
-    state = request.app.state
-    text = state.metrics.render(state.store.counts(), state.store.queue_length(),
-                                state.supervisor.ready() is not None)
+    store = services.store
+    text = services.metrics.render(store.counts(), store.queue_length(),
+                                   services.supervisor.ready() is not None)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from probe_core.errors import ProbeError
 from probe_core.paths import confine
 from schemas import JobList, JobStatus, ProbeJob, ProbeRequest
-from service.auth import get_settings, require_token
+from service.auth import require_token
+from service.dependencies import get_settings, get_store, get_supervisor
 from service.errors import error_response
 from service.settings import Settings
 from service.store import Conflict, IdempotencyConflict, JobStore, NotFound, QueueFull
+from service.supervisor import Supervisor
 
 router = APIRouter(prefix="/probes", tags=["probes"], dependencies=[Depends(require_token)],
                    responses={401: error_response("Missing or wrong bearer token")})
@@ -29,10 +31,6 @@ _SUBMIT = {413: error_response("Body too large (ENTROPY_PROBE_MAX_BODY_BYTES)"),
            415: error_response("The body is not JSON (Content-Type)"),
            422: error_response("Invalid request: field-level errors"),
            429: error_response("Queue full; see Retry-After")}
-
-
-def get_store(request: Request) -> JobStore:
-    return request.app.state.store
 
 
 def _check_paths(req: ProbeRequest, roots: list[str]) -> None:
@@ -130,7 +128,8 @@ def get_job(job_id: str, response: Response, store: JobStore = Depends(get_store
 
 
 @router.post("/{job_id}/cancel", response_model=ProbeJob, responses={**_404, **_409})
-def cancel(job_id: str, request: Request, store: JobStore = Depends(get_store)) -> ProbeJob:
+def cancel(job_id: str, store: JobStore = Depends(get_store),
+           supervisor: Supervisor = Depends(get_supervisor)) -> ProbeJob:
     """Queued → cancelled now; running → cancelling, then cancelled at the next chunk."""
     try:
         job = store.request_cancel(job_id)
@@ -139,7 +138,7 @@ def cancel(job_id: str, request: Request, store: JobStore = Depends(get_store)) 
     except Conflict as exc:
         raise HTTPException(409, str(exc)) from None
     if job.status == JobStatus.cancelling:
-        request.app.state.supervisor.cancel(job_id)
+        supervisor.cancel(job_id)
     return job
 
 
