@@ -28,14 +28,15 @@ import torch
 
 from bench.common import add_model_args, checkpoint, probe_spec
 from probe_core import rewards as rw
-from probe_core.adamw import Hyper, adamw_step
+from probe_core.adamw import AdamWState, adamw_step
 from probe_core.checkpoint import ModelCache, open_checkpoint
 from probe_core.gradients import FlatParams
 from probe_core.probe import PHASES, ProbeHooks, resolve_device, run_probe
 from probe_core.rollouts import from_client
 from probe_core.spec import ProbeSpec, RuntimeOptions
 from probe_core.step import ParameterSwap
-from probe_core.teacher_forcing import TeacherForcer, all_logprobs, unit_chunks
+from probe_core.estimators.base import contiguous_layout
+from probe_core.teacher_forcing import TeacherForcer, all_logprobs
 
 
 @contextlib.contextmanager
@@ -48,7 +49,7 @@ def prepared(spec: ProbeSpec, opts: RuntimeOptions, cache: ModelCache):
         batch, rewards = from_client(spec.rollouts, ck.tokenizer, ck.model, spec.prompt_format)
         b, g = batch.num_prompts, batch.group_size
         forcer = TeacherForcer(ck.model, batch, spec.generation.temperature, device, autocast)
-        units = unit_chunks(b, g, 1, spec.microbatch_size)
+        units = contiguous_layout(b, g, 1).chunks(spec.microbatch_size)
         adv = rw.advantages(rewards, spec.objective.advantage)                   # [B, G]
         ell = rw.length_norm(batch.lengths.view(b, g), spec.objective.length_norm,
                              spec.generation.max_new_tokens)
@@ -140,8 +141,8 @@ def baseline(spec: ProbeSpec, opts: RuntimeOptions, cache: ModelCache
         grad_sum(chunks, c_y)              # the step's own loss gradient, as a trainer takes it
         lap("step_gradient")
         swap = ParameterSwap(flat)
-        step = adamw_step(Hyper.from_states(ck.states, spec.lr_override), y_bar, swap.theta(),
-                          spec.max_grad_norm)
+        step = adamw_step(AdamWState.from_states(ck.states, spec.lr_override), y_bar,
+                          swap.theta(), spec.max_grad_norm)
         _ = x_bar @ (step.d * y_bar) - diag.sum() / (b * (b - 1))
         swap.apply(step.delta, 1.0)
         try:

@@ -17,9 +17,14 @@ import torch
 from probe_core.optimizer_state import ParamState
 
 
+CLIP_EPS = 1e-6       # torch.nn.utils.clip_grad_norm_'s guard against a zero norm
+
+
 @dataclass
-class Hyper:
-    """Per-element hyper-parameters and state, float64 [P]."""
+class AdamWState:
+    """The saved AdamW state and each parameter's hyper-parameters, per element, float64 [P]:
+    lr, beta1, beta2, eps, wd (weight decay), step (t before the step), m (exp_avg),
+    v (exp_avg_sq)."""
 
     lr: torch.Tensor
     beta1: torch.Tensor
@@ -31,19 +36,23 @@ class Hyper:
     v: torch.Tensor
 
     @classmethod
-    def from_states(cls, states: list[ParamState], lr_override: float | None) -> Hyper:
+    def from_states(cls, states: list[ParamState], lr_override: float | None) -> AdamWState:
         sizes = torch.tensor([s.exp_avg.numel() for s in states])
 
         def per_elem(values):
             return torch.repeat_interleave(torch.tensor(values, dtype=torch.float64), sizes)
 
         lr = [lr_override if lr_override is not None else s.lr for s in states]
-        return cls(per_elem(lr), per_elem([s.beta1 for s in states]),
-                   per_elem([s.beta2 for s in states]), per_elem([s.eps for s in states]),
-                   per_elem([s.weight_decay for s in states]),
-                   per_elem([s.step for s in states]),
-                   torch.cat([s.exp_avg.reshape(-1) for s in states]).double(),
-                   torch.cat([s.exp_avg_sq.reshape(-1) for s in states]).double())
+        return cls(lr=per_elem(lr), beta1=per_elem([s.beta1 for s in states]),
+                   beta2=per_elem([s.beta2 for s in states]),
+                   eps=per_elem([s.eps for s in states]),
+                   wd=per_elem([s.weight_decay for s in states]),
+                   step=per_elem([s.step for s in states]),
+                   m=torch.cat([s.exp_avg.reshape(-1) for s in states]).double(),
+                   v=torch.cat([s.exp_avg_sq.reshape(-1) for s in states]).double())
+
+    def moments_finite(self) -> bool:
+        return bool(torch.isfinite(self.m).all() and torch.isfinite(self.v).all())
 
 
 @dataclass
@@ -63,10 +72,10 @@ def clip_factor(grad_norm: float, max_grad_norm: float | None) -> float:
     """κ as torch.nn.utils.clip_grad_norm_ computes it."""
     if max_grad_norm is None:
         return 1.0
-    return min(1.0, max_grad_norm / (grad_norm + 1e-6))
+    return min(1.0, max_grad_norm / (grad_norm + CLIP_EPS))
 
 
-def adamw_step(h: Hyper, y_bar: torch.Tensor, theta: torch.Tensor,
+def adamw_step(h: AdamWState, y_bar: torch.Tensor, theta: torch.Tensor,
                max_grad_norm: float | None) -> AdamWStep:
     """The step from Ȳ [P] and the current parameters θ [P] (float64)."""
     grad_norm = float(y_bar.norm())
@@ -82,4 +91,5 @@ def adamw_step(h: Hyper, y_bar: torch.Tensor, theta: torch.Tensor,
     w_momentum = h.lr * h.beta1 * d * h.m
     w_decay = h.lr * h.wd * theta
     delta = kappa * w_grad * y_bar - w_momentum - w_decay
-    return AdamWStep(d, w_grad, w_momentum, w_decay, delta, kappa, grad_norm)
+    return AdamWStep(d=d, w_grad=w_grad, w_momentum=w_momentum, w_decay=w_decay, delta=delta,
+                     kappa=kappa, grad_norm=grad_norm)

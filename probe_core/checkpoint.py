@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import pickle
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -37,7 +36,6 @@ class LoadedCheckpoint:
     base_path: str
     adapter_path: str | None
     base_reused: bool
-    load_seconds: float
 
 
 @dataclass
@@ -176,7 +174,6 @@ def open_checkpoint(spec: CheckpointSpec, opts: RuntimeOptions, device: torch.de
                     cache: ModelCache) -> Iterator[LoadedCheckpoint]:
     """Load (or reuse) the base, attach the adapter, map the optimizer state; on exit remove
     the adapter so the cached base is clean for the next job."""
-    t0 = time.perf_counter()
     base_path, adapter_path = _resolve_paths(spec, opts)
     tokenizer = _load_tokenizer(base_path, adapter_path, opts)
     base, reused = cache.get(base_path, device, opts)
@@ -200,8 +197,9 @@ def open_checkpoint(spec: CheckpointSpec, opts: RuntimeOptions, device: torch.de
         opt_path = confine(opt_path, opts.checkpoint_roots, what="optimizer", must_exist=False)
         layouts = hf_trainer_layouts(model, [n for n, _ in params])
         states = map_state(load_state_dict(opt_path), params, layouts)
-        yield LoadedCheckpoint(model, tokenizer, params, states, base_path, adapter_path,
-                               reused, time.perf_counter() - t0)
+        yield LoadedCheckpoint(model=model, tokenizer=tokenizer, params=params, states=states,
+                               base_path=base_path, adapter_path=adapter_path,
+                               base_reused=reused)
     finally:
         if adapter_path is not None:
             model.unload()

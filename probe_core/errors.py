@@ -8,10 +8,11 @@ class ProbeError(Exception):
 
     code = "internal_error"
 
-    def __init__(self, message: str, *, phase: str | None = None):
+    def __init__(self, message: str, *, phase: str | None = None, trace: list | None = None):
         super().__init__(message)
         self.message = message
         self.phase = phase
+        self.trace = trace or []            # the memory trace up to the failure, when known
 
 
 class CheckpointNotFound(ProbeError):
@@ -61,9 +62,11 @@ class DegenerateBatch(ProbeError):
 class ProbeOutOfMemory(ProbeError):
     code = "out_of_memory"
 
-    def __init__(self, message: str, *, phase: str | None = None, trace: list | None = None):
-        super().__init__(message, phase=phase)
-        self.trace = trace or []
+
+class DeadlineExceeded(ProbeError):
+    """The job ran past ProbeHooks.deadline (checked at every chunk boundary)."""
+
+    code = "deadline_exceeded"
 
 
 class ProbeCancelled(ProbeError):

@@ -130,6 +130,20 @@ class _LinearGradCapture:
         self.acc[:, off:off + d_out * d_in].addmm_(self.coef, per_seq.view(n, -1))
 
 
+@dataclass
+class UnitGradient:
+    """One unit's gradient summaries and the passes they took.
+
+    Fields: x X_u, y Y_u (fp32 [P] on the device); forward_grad, backward: sequences through
+    each pass kind.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    forward_grad: int
+    backward: int
+
+
 class GradientAccumulator:
     """Runs phase 2: for each unit, for each chunk, one forward with grad and X/Y from it."""
 
@@ -144,10 +158,11 @@ class GradientAccumulator:
         self.capture = _LinearGradCapture(flat, lm) if method == "hooks" else None
 
     def unit(self, chunks: list[torch.Tensor], coef_x: torch.Tensor, coef_y: torch.Tensor,
-             on_chunk=None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """X_u, Y_u for one unit (device fp32 [P] each) and the number of backwards run.
+             on_chunk=None) -> UnitGradient:
+        """X_u, Y_u for one unit.
 
-        Args: chunks: sequence indices; coef_x, coef_y: [N] host coefficients (float64)."""
+        Args: chunks: sequence indices; coef_x, coef_y: [N] host coefficients (float64);
+        on_chunk: called after each chunk."""
         dev = self.forcer.device
         acc = torch.zeros(2, self.flat.numel, dtype=torch.float32, device=dev)   # [2, P]
         backwards = 0
@@ -172,4 +187,4 @@ class GradientAccumulator:
                 backwards += 2 * len(rows)
             if on_chunk:
                 on_chunk()
-        return acc[0], acc[1], backwards
+        return UnitGradient(x=acc[0], y=acc[1], forward_grad=len(rows_u), backward=backwards)

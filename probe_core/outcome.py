@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from probe_core.adamw import AdamWStep
-from probe_core.estimators import CovarianceProxy, DeltaH1
+from probe_core.estimators import DeltaH1
+from probe_core.proxy import CovarianceProxy
 from probe_core.importance import SnisEstimate
 from probe_core.memory import MemoryTracer
 

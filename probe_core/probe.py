@@ -1,51 +1,65 @@
-"""run_probe: one probe job, phase by phase, following the pass schedule of DESIGN.md.
+"""run_probe: one probe job, phase by phase, following the pass schedule of docs/method.md.
 
-1. no-grad teacher forcing of all B·G sequences → S, Ĥ(θ), c^X
-2. per unit, per chunk: one forward with grad, X and Y from that graph (gradients.py)
-3. host algebra: Ȳ, κ, D, Δθ, U-statistic, terms, SEs (adamw.py, estimators.py)
-4. one no-grad forward per lr multiplier at θ + sΔθ, parameters restored after (importance.py)
+1. no-grad teacher forcing of all B·G sequences → S, Ĥ(θ), c^X        (teacher_forcing.py)
+2. per unit, per chunk: one forward with grad, X and Y from that graph  (gradients.py)
+3. host algebra: Ȳ, κ, D, Δθ, unit dots, δH₁ and its SEs             (adamw.py, estimators/)
+4. one no-grad forward per lr multiplier at θ + sΔθ, restored after     (importance.py)
 
-Unit vectors X_u, Y_u are kept on the host while 2·U·P·4 bytes fit spec.host_budget_bytes;
-above it only their sums are kept in phase 2 and a second gradient pass recomputes each unit
-to take its dot products once D is known (one more grad forward and backward per sequence,
-reported in `passes` and the warnings).
+Each stage hands the next a small dataclass (stages.py says which are maps and which reduces).
+Unit vectors X_u, Y_u are kept on the host while they fit spec.host_budget_bytes; above it
+only their sums are kept in phase 2 and a second gradient pass recomputes each unit to take
+its dot products once D is known (one more grad forward and backward per sequence, reported
+in `passes` and the warnings).
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from probe_core import rewards as rw
-from probe_core.adamw import AdamWStep, Hyper, adamw_step
+from probe_core.adamw import AdamWState, AdamWStep, adamw_step
 from probe_core.checkpoint import LoadedCheckpoint, ModelCache, open_checkpoint
-from probe_core.errors import DegenerateBatch, InvalidRequest, ProbeCancelled, ProbeOutOfMemory
-from probe_core.estimators import BilinearDots, covariance_proxy, delta_h1, unit_dots
+from probe_core.errors import (CheckpointInvalid, DeadlineExceeded, DegenerateBatch,
+                               InvalidRequest, ProbeCancelled, ProbeOutOfMemory)
+from probe_core.estimators import (DeltaH1, Estimator, UnitDots, UnitLayout, UnitMeans,
+                                   estimator_for, unit_dots)
 from probe_core.gradients import FlatParams, GradientAccumulator
 from probe_core.importance import entropy_before, snis
 from probe_core.memory import MemoryTracer
+from probe_core.objective import Coefficients, coefficients
 from probe_core.outcome import (BatchOutcome, OptimizerOutcome, Passes, ProbeOutcome,
                                 RealizedOutcome)
-from probe_core.paths import confine
-from probe_core.rollouts import Batch, from_client, sample
-from probe_core.spec import ProbeSpec, RuntimeOptions
+from probe_core.paths import check_destination
+from probe_core.proxy import covariance_proxy
+from probe_core.rollouts import Batch, batch_for
+from probe_core.spec import PHASES, Phase, ProbeSpec, RuntimeOptions
+from probe_core.stages import (GradientShard, keeps_unit_vectors, map_gradients, map_unit_dots,
+                               reduce_gradients)
 from probe_core.step import ParameterSwap, save_adapter
-from probe_core.teacher_forcing import TeacherForcer, all_logprobs, unit_chunks
+from probe_core.teacher_forcing import TeacherForcer, all_logprobs, all_logprobs_subset
 
-PHASES = ("load", "rollouts", "teacher_forcing", "gradients", "step", "realized")
+__all__ = ["PHASES", "ProbeHooks", "resolve_device", "run_probe"]
+
+MIN_GROUP_SIZE = 2          # the leave-one-out baseline and group advantages need two
+MIN_UNITS_FOR_JACKKNIFE = 3
+NOISE_CHECK_SEQUENCES = 8   # sequences recomputed with another chunking for the noise floor
 
 
 @dataclass
 class ProbeHooks:
     """Callbacks from the worker: progress(phase, done, total) and a cancel flag polled at every
-    chunk boundary."""
+    chunk boundary; past `deadline` (a time.monotonic() value) the next boundary raises
+    DeadlineExceeded."""
 
     progress: Callable[[str, int, int], None] | None = None
     should_cancel: Callable[[], bool] | None = None
+    deadline: float | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,26 +75,50 @@ def run_probe(spec: ProbeSpec, options: RuntimeOptions | None = None,
                   hooks or ProbeHooks()).run()
 
 
+@dataclass
+class _Sequences:
+    """The batch and what teacher forcing learnt about it.
+
+    Fields: batch; rewards [B, G] float64; layout (the estimator's units); s: S [N] fp32 host;
+    coefs: c^X, c^Y [N] and advantages [B, G]."""
+
+    batch: Batch
+    rewards: torch.Tensor
+    layout: UnitLayout
+    s: torch.Tensor
+    coefs: Coefficients
+
+
+@dataclass
+class _StepResult:
+    """Phase 3's outputs: the AdamW state read, the means over units, the step, δH₁."""
+
+    state: AdamWState
+    means: UnitMeans
+    step: AdamWStep
+    estimate: DeltaH1
+    updated_adapter: str | None
+
+
 class _Probe:
     def __init__(self, spec: ProbeSpec, opts: RuntimeOptions, cache: ModelCache,
                  hooks: ProbeHooks):
         self.spec, self.opts, self.cache, self.hooks = spec, opts, cache, hooks
         self.device = resolve_device(opts.device)
+        self.estimator: Estimator = estimator_for(spec.estimator)
         self.tracer = MemoryTracer(self.device, enabled=spec.trace_memory)
         self.timing: dict[str, float] = {}
         self.passes = Passes()
         self.warnings: list[str] = []
-        self.phase = "load"
+        self.phase: Phase = "load"
         self._t = time.perf_counter()
 
     # -- bookkeeping -------------------------------------------------------------------------
-    def _enter(self, phase: str) -> None:
+    def _enter(self, phase: Phase) -> None:
         self.phase = phase
         self._tick(0, 0)
-        if self.opts.fault_hook == f"oom:{phase}":
-            raise torch.cuda.OutOfMemoryError(f"simulated out of memory in {phase}")
 
-    def _finish(self, phase: str) -> None:
+    def _finish(self, phase: Phase) -> None:
         now = time.perf_counter()
         self.timing[phase] = now - self._t
         self._t = now
@@ -90,8 +128,17 @@ class _Probe:
         self.tracer.sample()
         if self.hooks.should_cancel and self.hooks.should_cancel():
             raise ProbeCancelled("the job was cancelled", phase=self.phase)
+        if self.hooks.deadline is not None and time.monotonic() > self.hooks.deadline:
+            self.tracer.mark(self.phase)        # the trace ends where the job stopped
+            raise DeadlineExceeded("the job ran past its deadline", phase=self.phase,
+                                   trace=list(self.tracer.trace))
         if self.hooks.progress:
             self.hooks.progress(self.phase, done, total)
+
+    def _counter(self, total: int) -> Callable[[], None]:
+        """An on_chunk callback that reports 1, 2, … of total chunks done."""
+        done = itertools.count(1)
+        return lambda: self._tick(next(done), total)
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> ProbeOutcome:
@@ -119,99 +166,93 @@ class _Probe:
         outcome.timing["total"] = time.perf_counter() - t_start
         return outcome
 
-    def _rollouts(self, ck: LoadedCheckpoint) -> tuple[Batch, torch.Tensor]:
+    def _save_path(self) -> str | None:
+        """Checked before any compute, so a bad path does not waste the probe."""
         spec = self.spec
+        if not spec.save_updated_adapter_to:
+            return None
+        if spec.checkpoint.adapter is None:
+            raise InvalidRequest("save_updated_adapter_to needs checkpoint.adapter (a LoRA "
+                                 "adapter to write); a full-model probe cannot save one")
+        protected = [p for p in (spec.checkpoint.adapter, spec.checkpoint.base_model) if p]
+        return check_destination(spec.save_updated_adapter_to, self.opts.checkpoint_roots,
+                                 protected)
+
+    def _run_loaded(self, ck: LoadedCheckpoint) -> ProbeOutcome:
+        batch, rewards = self._rollouts(ck)
+        forcer = TeacherForcer(ck.model, batch, self.spec.generation.temperature, self.device,
+                               self._autocast_dtype())
+        seqs = self._teacher_forcing(forcer, batch, rewards)
+        acc = GradientAccumulator(forcer, ck.model, FlatParams.of([p for _, p in ck.params]),
+                                  self.opts.grad_method)
+        shard = self._gradients(acc, seqs)
+        result = self._step(ck, acc, seqs, shard)
+        realized = None
+        if self.spec.realized.enabled:
+            self._enter("realized")
+            realized = self._realized(forcer, seqs, ParameterSwap(acc.flat), result.step)
+            self._finish("realized")
+        return self._outcome(ck, seqs, shard, result, realized, acc.method)
+
+    # -- phases ------------------------------------------------------------------------------
+    def _rollouts(self, ck: LoadedCheckpoint) -> tuple[Batch, torch.Tensor]:
         self._enter("rollouts")
-        if spec.rollouts is not None:
-            rollouts = spec.rollouts[:spec.num_prompts] if spec.num_prompts else spec.rollouts
-            batch, rewards = from_client(rollouts, ck.tokenizer, ck.model, spec.prompt_format)
-        else:
-            prompts = spec.prompts[:spec.num_prompts] if spec.num_prompts else spec.prompts
-            answers = spec.answers[:len(prompts)]
-            batch = sample(ck.model, ck.tokenizer, prompts, spec.prompt_format,
-                           spec.responses_per_prompt, spec.generation, spec.seed, self.device,
-                           on_chunk=self._tick)
-            g = spec.responses_per_prompt
-            rewards = torch.tensor([[rw.score(spec.reward_kind, batch.response_texts[n * g + j],
-                                              answers[n]) for j in range(g)]
-                                    for n in range(len(prompts))], dtype=torch.float64)
-            if spec.generation.top_p < 1.0 or spec.generation.top_k > 0:
-                self.warnings.append(
-                    "top_p/top_k truncate the sampling distribution, while S and H use the full "
-                    "softmax: δH₁ and the realized ΔH are exact only for pure temperature "
-                    "sampling")
+        batch, rewards, warnings = batch_for(self.spec, ck, self.device, on_chunk=self._tick)
+        self.warnings += warnings
+        if batch.group_size < MIN_GROUP_SIZE:
+            raise DegenerateBatch("responses_per_prompt must be at least 2 (the leave-one-out "
+                                  "baseline and group advantages need two)", phase="rollouts")
         self._finish("rollouts")
         return batch, rewards
 
-    def _coefficients(self, batch: Batch, rewards: torch.Tensor, s: torch.Tensor,
-                      per_unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """c^X and c^Y per sequence [N] (float64, divided by the prompts per unit), and A."""
-        b, g = batch.num_prompts, batch.group_size
-        obj = self.spec.objective
-        adv = rw.advantages(rewards, obj.advantage)                                  # [B, G]
-        const = obj.length_norm_constant or self.spec.generation.max_new_tokens
-        ell = rw.length_norm(batch.lengths.view(b, g), obj.length_norm, const)       # [B, G]
-        c_y = adv / (g * ell)
-        s = s.double().view(b, g)
-        loo_mean = (s.sum(1, keepdim=True) - s) / (g - 1)                            # S̄_{n,−g}
-        c_x = (s - loo_mean) / g
-        return c_x.reshape(-1) / per_unit, c_y.reshape(-1) / per_unit, adv
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.device.type == "cuda" and self.opts.autocast_dtype in ("auto", "bfloat16"):
+            return torch.bfloat16
+        return None
 
-    def _save_path(self) -> str | None:
-        """Checked before any compute, so a bad path does not waste the probe."""
-        if not self.spec.save_updated_adapter_to:
-            return None
-        if self.spec.checkpoint.adapter is None:
-            raise InvalidRequest("save_updated_adapter_to needs checkpoint.adapter (a LoRA "
-                                 "adapter to write); a full-model probe cannot save one")
-        return confine(self.spec.save_updated_adapter_to, self.opts.checkpoint_roots,
-                       what="save_updated_adapter_to", must_exist=False)
-
-    def _run_loaded(self, ck: LoadedCheckpoint) -> ProbeOutcome:
-        spec = self.spec
-        batch, rewards = self._rollouts(ck)
-        b, g = batch.num_prompts, batch.group_size
-        if g < 2:
-            raise DegenerateBatch("responses_per_prompt must be at least 2 (the leave-one-out "
-                                  "baseline and group advantages need two)", phase="rollouts")
-        per_unit = spec.estimator.block_size if spec.estimator.mode == "blocks" else 1
-        if b % per_unit or b // per_unit < 2:
-            raise DegenerateBatch(
-                f"{b} prompts give fewer than 2 units (mode={spec.estimator.mode}, "
-                f"block_size={per_unit}); δH₁ needs at least 2 independent units",
-                phase="rollouts")
-        units = unit_chunks(b, g, per_unit, spec.microbatch_size)
-        flat_chunks = [c for u in units for c in u]
-
-        # 1. no-grad teacher forcing
+    def _teacher_forcing(self, forcer: TeacherForcer, batch: Batch, rewards: torch.Tensor
+                         ) -> _Sequences:
+        """Phase 1: the units, S of every sequence (no grad) and the coefficients."""
+        layout = self.estimator.layout(batch.num_prompts, batch.group_size)
         self._enter("teacher_forcing")
-        autocast = torch.bfloat16 if (self.device.type == "cuda" and self.opts.autocast_dtype
-                                      in ("auto", "bfloat16")) else None
-        forcer = TeacherForcer(ck.model, batch, spec.generation.temperature, self.device,
-                               autocast)
-        s = all_logprobs(forcer, flat_chunks, on_chunk=self._tick)                  # [N]
+        chunks = [c for u in layout.chunks(self.spec.microbatch_size) for c in u]
+        s = all_logprobs(forcer, chunks, on_chunk=self._tick)                        # [N]
         self.passes.forward_no_grad += batch.num_sequences
-        c_x, c_y, adv = self._coefficients(batch, rewards, s, per_unit)
+        coefs = coefficients(self.spec.objective, self.spec.generation.max_new_tokens, rewards,
+                             batch.lengths, s, layout)
         self._finish("teacher_forcing")
+        return _Sequences(batch=batch, rewards=rewards, layout=layout, s=s, coefs=coefs)
 
-        # 2. gradient summaries
+    def _gradients(self, acc: GradientAccumulator, seqs: _Sequences) -> GradientShard:
+        """Phase 2 (a map over one shard holding every unit)."""
         self._enter("gradients")
-        flat = FlatParams.of([p for _, p in ck.params])
-        acc = GradientAccumulator(forcer, ck.model, flat, self.opts.grad_method)
-        n_units = len(units)
-        x_units, y_units, x_sum, y_sum = self._gradients(acc, units, c_x, c_y)
+        unit_chunks = seqs.layout.chunks(self.spec.microbatch_size)
+        keep = keeps_unit_vectors(len(unit_chunks), acc.flat.numel, self.spec.host_budget_bytes)
+        shard = map_gradients(acc, unit_chunks, seqs.coefs, keep,
+                              on_chunk=self._counter(sum(len(c) for c in unit_chunks)))
+        self._count_gradient_passes(shard.forward_grad, shard.backward)
         self._finish("gradients")
+        return shard
 
-        # 3. the AdamW step and δH₁
+    def _count_gradient_passes(self, forward: int, backward: int) -> None:
+        self.passes.forward_grad += forward
+        self.passes.backward += backward
+
+    def _step(self, ck: LoadedCheckpoint, acc: GradientAccumulator, seqs: _Sequences,
+              shard: GradientShard) -> _StepResult:
+        """Phase 3: reduce to Ȳ, the AdamW step, the unit dots and δH₁."""
         self._enter("step")
-        swap = ParameterSwap(flat)
-        theta = swap.theta()
-        hyper = Hyper.from_states(ck.states, spec.lr_override)
-        x_bar, y_bar = x_sum / n_units, y_sum / n_units
-        step = adamw_step(hyper, y_bar, theta, spec.max_grad_norm)
-        dots = self._unit_dots(acc, units, c_x, c_y, x_units, y_units, x_bar, y_bar, step)
-        estimate = delta_h1(*dots, kappa=step.kappa)
-        self._warn_degenerate(adv, hyper, n_units)
+        swap = ParameterSwap(acc.flat)
+        state = AdamWState.from_states(ck.states, self.spec.lr_override)
+        means = reduce_gradients([shard])
+        step = adamw_step(state, means.y_bar, swap.theta(), self.spec.max_grad_norm)
+        if shard.unit_x is not None:
+            dots = map_unit_dots(shard, step, means)
+        else:
+            dots = self._recomputed_dots(acc, seqs, step, means)
+        estimate = self.estimator.delta_h1(dots, step.kappa)
+        check_finite(estimate, state)
+        self._warn_degenerate(seqs.coefs.advantages, state, seqs.layout.num_units)
         updated = None
         if self.save_to is not None:   # the real step, s = 1, whatever the multipliers are
             try:
@@ -220,90 +261,45 @@ class _Probe:
             finally:
                 swap.restore()
         self._finish("step")
+        return _StepResult(state=state, means=means, step=step, estimate=estimate,
+                           updated_adapter=updated)
 
-        # 4. realized
-        realized = None
-        if spec.realized.enabled:
-            self._enter("realized")
-            realized = self._realized(forcer, flat_chunks, s, swap, step, b, g)
-            self._finish("realized")
-        out = self._outcome(ck, batch, rewards, adv, s, estimate, step, hyper, realized,
-                            updated, acc.method, n_units)
-        out.step, out.x_bar, out.y_bar, out.unit_x, out.unit_y = (step, x_bar, y_bar, x_units,
-                                                                  y_units)
-        return out
-
-    def _gradients(self, acc: GradientAccumulator, units, c_x, c_y):
-        """Phase 2: X_u, Y_u of every unit (kept on the host within the budget) and their
-        sums. Returns (x_units | None, y_units | None, Σ X_u, Σ Y_u) on the host."""
-        n_units, numel = len(units), acc.flat.numel
-        total = sum(len(c) for c in units)
-        keep = 2 * n_units * numel * 4 <= self.spec.host_budget_bytes
-        x_units = torch.empty(n_units, numel) if keep else None
-        y_units = torch.empty(n_units, numel) if keep else None
-        # Σ_u X_u, Σ_u Y_u in float64 where the unit vectors are (the device): no per-unit
-        # host arithmetic on [P] vectors while the device waits
-        sums = torch.zeros(2, numel, dtype=torch.float64, device=self.device)       # [2, P]
-        done = 0
-        for u, chunks in enumerate(units):
-            x_u, y_u, _ = self._unit(acc, chunks, c_x, c_y, done, total)
-            done += len(chunks)
-            sums[0] += x_u
-            sums[1] += y_u
-            if keep:
-                x_units[u].copy_(x_u)
-                y_units[u].copy_(y_u)
-        x_sum, y_sum = sums.cpu()
-        return x_units, y_units, x_sum, y_sum
-
-    def _unit(self, acc: GradientAccumulator, chunks, c_x, c_y, done: int, total: int):
-        counter = iter(range(done + 1, done + len(chunks) + 1))
-        x_u, y_u, n_back = acc.unit(chunks, c_x, c_y,
-                                    on_chunk=lambda: self._tick(next(counter), total))
-        self.passes.forward_grad += sum(len(c) for c in chunks)
-        self.passes.backward += n_back
-        return x_u, y_u, n_back
-
-    def _unit_dots(self, acc, units, c_x, c_y, x_units, y_units, x_bar, y_bar,
-                   step: AdamWStep):
-        """Per-unit dot products for δH₁, from the kept unit vectors or a recompute pass."""
-        weights, vectors = [step.d, step.w_grad], [step.w_momentum, step.w_decay]
-        if x_units is not None:
-            (plain, grad), (mom, dec) = unit_dots(x_units, y_units, weights, vectors)
-            return plain, grad, mom, dec
+    def _recomputed_dots(self, acc: GradientAccumulator, seqs: _Sequences, step: AdamWStep,
+                         means: UnitMeans) -> UnitDots:
+        """The unit dots when the unit vectors did not fit the host: each unit again."""
         self.warnings.append("unit vectors exceeded the host memory budget: a second gradient "
                              "pass recomputed them")
-        dots, lin = [], []
-        for chunks in units:
-            x_u, y_u, _ = self._unit(acc, chunks, c_x, c_y, 0, 0)
-            d, v = unit_dots(x_u.cpu()[None], y_u.cpu()[None], weights, vectors, x_bar, y_bar)
-            dots.append(d)
-            lin.append(v)
-        return (BilinearDots.cat([d[0] for d in dots]), BilinearDots.cat([d[1] for d in dots]),
-                torch.cat([v[0] for v in lin]), torch.cat([v[1] for v in lin]))
+        parts = []
+        for chunks in seqs.layout.chunks(self.spec.microbatch_size):
+            grad = acc.unit(chunks, seqs.coefs.c_x, seqs.coefs.c_y, on_chunk=self._counter(0))
+            self._count_gradient_passes(grad.forward_grad, grad.backward)
+            parts.append(unit_dots(grad.x.cpu()[None], grad.y.cpu()[None], step, means))
+        return UnitDots.cat(parts)
 
-    def _warn_degenerate(self, adv: torch.Tensor, hyper: Hyper, n_units: int) -> None:
+    def _warn_degenerate(self, adv: torch.Tensor, state: AdamWState, n_units: int) -> None:
         if bool((adv == 0).all()):
             self.warnings.append("every advantage is zero (all rewards equal within each "
                                  "prompt): the gradient term is 0 and Δθ is momentum and "
                                  "weight decay only")
-        if bool((hyper.lr == 0).all()):
+        if bool((state.lr == 0).all()):
             self.warnings.append("lr is 0 (end of a decayed schedule): every change is zero; "
                                  "set optimizer_overrides.lr to probe another step size")
-        if n_units < 3:
+        if n_units < MIN_UNITS_FOR_JACKKNIFE:
             self.warnings.append("fewer than 3 units: the jackknife SE is undefined (null)")
 
-    def _realized(self, forcer, chunks, s, swap: ParameterSwap, step: AdamWStep, b: int,
-                  g: int) -> RealizedOutcome:
+    def _realized(self, forcer: TeacherForcer, seqs: _Sequences, swap: ParameterSwap,
+                  step: AdamWStep) -> RealizedOutcome:
+        """Phase 4: S⁺ at θ + sΔθ on the same sequences for each multiplier, then SNIS."""
         spec = self.spec.realized
+        chunks = [c for u in seqs.layout.chunks(self.spec.microbatch_size) for c in u]
+        b, g = seqs.batch.num_prompts, seqs.batch.group_size
+        s = seqs.s
         rows = []
-        total = len(chunks) * len(spec.lr_multipliers)
+        on_chunk = self._counter(len(chunks) * len(spec.lr_multipliers))
         try:
-            for k, mult in enumerate(spec.lr_multipliers):
+            for mult in spec.lr_multipliers:
                 swap.apply(step.delta, mult)
-                offset = k * len(chunks)
-                s_after = all_logprobs(forcer, chunks,
-                                       on_chunk=lambda d, _: self._tick(offset + d, total))
+                s_after = all_logprobs(forcer, chunks, on_chunk=lambda *_: on_chunk())
                 self.passes.forward_no_grad += s.numel()
                 swap.restore()
                 rows.append((mult, snis(s.view(b, g), s_after.view(b, g), spec.normalization,
@@ -311,34 +307,57 @@ class _Probe:
         finally:
             swap.restore()
         h0, h0_se = entropy_before(s.view(b, g))
-        return RealizedOutcome(h0, h0_se, spec.normalization, spec.ess_threshold, rows,
-                               self._noise_floor(forcer, s))
+        return RealizedOutcome(h_before=h0, h_before_se=h0_se, normalization=spec.normalization,
+                               ess_threshold=spec.ess_threshold, by_multiplier=rows,
+                               noise_floor=self._noise_floor(forcer, s))
 
     def _noise_floor(self, forcer: TeacherForcer, s: torch.Tensor) -> float:
         """max |S − S'| over a few sequences recomputed with another chunking."""
-        n = min(8, s.numel())
+        n = min(NOISE_CHECK_SEQUENCES, s.numel())
         size = 1 if self.spec.microbatch_size > 1 else 2
         alt = all_logprobs_subset(forcer, torch.arange(n), size)
         self.passes.noise_check_forward += n
         return float((alt - s[:n]).abs().max())
 
-    def _outcome(self, ck, batch, rewards, adv, s, estimate, step, hyper, realized, updated,
-                 method, n_units) -> ProbeOutcome:
+    def _outcome(self, ck: LoadedCheckpoint, seqs: _Sequences, shard: GradientShard,
+                 result: _StepResult, realized: RealizedOutcome | None, grad_method: str
+                 ) -> ProbeOutcome:
+        batch, adv, step = seqs.batch, seqs.coefs.advantages, result.step
         b, g = batch.num_prompts, batch.group_size
         first = ck.states[0]
-        lr = float(hyper.lr[0]) if hyper.lr.numel() else first.lr
-        optimizer = OptimizerOutcome(lr, (first.beta1, first.beta2), first.eps,
-                                     first.weight_decay, int(first.step), step.grad_norm,
-                                     step.kappa, len({st.group for st in ck.states}))
-        summary = BatchOutcome(b, g, float(batch.lengths.double().mean()),
-                               float(rewards.mean()), int((adv == 0).all(1).sum()))
+        lr = float(result.state.lr[0]) if result.state.lr.numel() else first.lr
+        optimizer = OptimizerOutcome(
+            lr=lr, betas=(first.beta1, first.beta2), eps=first.eps,
+            weight_decay=first.weight_decay, step=int(first.step), grad_norm=step.grad_norm,
+            clip_factor=step.kappa, param_groups=len({st.group for st in ck.states}))
+        summary = BatchOutcome(
+            num_prompts=b, responses_per_prompt=g,
+            mean_response_tokens=float(batch.lengths.double().mean()),
+            reward_mean=float(seqs.rewards.mean()),
+            zero_advantage_prompts=int((adv == 0).all(1).sum()))
         for phase in PHASES:
             self.timing.setdefault(phase, 0.0)
-        return ProbeOutcome(estimate, self.spec.estimator.mode, n_units, realized, summary,
-                            covariance_proxy(s.view(b, g), adv), lr, optimizer, self.passes,
-                            self.timing, self.tracer, str(self.device), updated, method,
-                            ck.base_reused, self.warnings)
+        return ProbeOutcome(
+            delta_h1=result.estimate, mode=self.estimator.mode, units=seqs.layout.num_units,
+            realized=realized, batch=summary, proxy=covariance_proxy(seqs.s.view(b, g), adv),
+            proxy_lr=lr, optimizer=optimizer, passes=self.passes, timing=self.timing,
+            memory=self.tracer, device=str(self.device), updated_adapter=result.updated_adapter,
+            grad_method=grad_method, base_reused=ck.base_reused, warnings=self.warnings,
+            step=step, x_bar=result.means.x_bar, y_bar=result.means.y_bar,
+            unit_x=shard.unit_x, unit_y=shard.unit_y)
 
 
-def all_logprobs_subset(forcer: TeacherForcer, rows: torch.Tensor, size: int) -> torch.Tensor:
-    return all_logprobs(forcer, list(rows.split(size)))[rows]
+def check_finite(estimate: DeltaH1, state: AdamWState) -> None:
+    """A δH₁ that is not a number is an error, not a result: clamped, it would read as a real
+    estimate. NaN or inf moments in the optimizer state are the checkpoint's fault."""
+    if math.isfinite(estimate.total):
+        return
+    if not state.moments_finite():
+        raise CheckpointInvalid(
+            f"δH₁ came out {estimate.total}: the optimizer state's moments (exp_avg / "
+            "exp_avg_sq) hold NaN or inf values; the checkpoint's optimizer.pt is damaged "
+            "(probe an earlier checkpoint or pass another optimizer file)", phase="step")
+    raise InvalidRequest(
+        f"δH₁ came out {estimate.total}: the step overflowed the model's precision; scale the "
+        "rewards or the lr down, raise length_norm_constant, or check the optimizer state's "
+        "lr/eps", phase="step")

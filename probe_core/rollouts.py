@@ -14,7 +14,8 @@ import torch
 
 from probe_core.checkpoint import causal_lm
 from probe_core.errors import InvalidRequest, TokenizerError
-from probe_core.spec import ClientRollout, GenerationSpec
+from probe_core import rewards as rw
+from probe_core.spec import ClientRollout, GenerationSpec, ProbeSpec
 
 
 @dataclass
@@ -36,11 +37,6 @@ class Batch:
     def lengths(self) -> torch.Tensor:
         """[N] response lengths in tokens."""
         return self.response_mask.sum(dim=1)
-
-    def position_ids(self, rows: slice | torch.Tensor) -> torch.Tensor:
-        """Positions as generate() assigns them with left padding: cumsum(mask) − 1."""
-        mask = self.attention_mask[rows]
-        return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -150,40 +146,54 @@ def from_client(rollouts: list[ClientRollout], tokenizer, model, prompt_format: 
     return batch, rewards
 
 
+@dataclass
+class SamplingPlan:
+    """What to sample: G responses to each prompt at the generation settings, seeded."""
+
+    prompts: list[str]
+    prompt_format: str
+    group_size: int
+    generation: GenerationSpec
+    seed: int
+
+
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], prompt_format: str, group_size: int,
-           gen: GenerationSpec, seed: int, device: torch.device, on_chunk=None) -> Batch:
+def sample(model, tokenizer, plan: SamplingPlan, device: torch.device, on_chunk=None) -> Batch:
     """Sample G responses per prompt from π_τ with generate(), batched across prompts with left
-    padding, at most gen.batch_size sequences per call. on_chunk(done, total) reports progress."""
+    padding, at most generation.batch_size sequences per call. on_chunk(done, total) reports
+    progress."""
     from transformers import GenerationConfig
 
-    prompt_ids = format_prompts(prompts, tokenizer, prompt_format)
+    gen = plan.generation
+    prompt_ids = format_prompts(plan.prompts, tokenizer, plan.prompt_format)
     check_context(model, prompt_ids, gen.max_new_tokens)
-    eos = eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id
     config = GenerationConfig(
         do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-        max_new_tokens=gen.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-        repetition_penalty=1.0, num_beams=1, min_new_tokens=0)
-    torch.manual_seed(seed)
+        max_new_tokens=gen.max_new_tokens, eos_token_id=eos_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0, num_beams=1,
+        min_new_tokens=0)
+    torch.manual_seed(plan.seed)
     # generate() fills every setting the config leaves unset from the checkpoint's own
     # generation_config (Qwen ships top_k=20, top_p=0.8, repetition_penalty=1.05 ...): those
     # would change the sampling distribution away from π_τ, so they are hidden while sampling.
     lm = causal_lm(model)
     saved, lm.generation_config = lm.generation_config, GenerationConfig()
     try:
-        return _generate(model, prompt_ids, group_size, gen, config, eos, pad, tokenizer,
-                         device, on_chunk)
+        responses = _generate(model, prompt_ids, plan, config, device, on_chunk)
     finally:
         lm.generation_config = saved
+    return assemble(prompt_ids, responses, plan.group_size, config.eos_token_id,
+                    config.pad_token_id, tokenizer)
 
 
-def _generate(model, prompt_ids, group_size, gen, config, eos, pad, tokenizer, device,
-              on_chunk) -> Batch:
-    per_call = max(1, gen.batch_size // group_size)
+def _generate(model, prompt_ids: list[list[int]], plan: SamplingPlan, config,
+              device: torch.device, on_chunk) -> list[list[int]]:
+    """The responses' token ids (up to and including the first EOS), G per prompt in order."""
+    g, pad = plan.group_size, config.pad_token_id
+    per_call = max(1, plan.generation.batch_size // g)
     responses: list[list[int]] = []
     for start in range(0, len(prompt_ids), per_call):
-        chunk = [p for p in prompt_ids[start:start + per_call] for _ in range(group_size)]
+        chunk = [p for p in prompt_ids[start:start + per_call] for _ in range(g)]
         width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -193,8 +203,32 @@ def _generate(model, prompt_ids, group_size, gen, config, eos, pad, tokenizer, d
                              generation_config=config)
         new = out[:, width:].cpu()                                        # [n, L_call]
         lengths = torch.full((new.shape[0],), new.shape[1], dtype=torch.long)
-        mask = response_mask(new, eos, lengths)
+        mask = response_mask(new, config.eos_token_id, lengths)
         responses += [new[i][mask[i]].tolist() for i in range(new.shape[0])]
         if on_chunk:
             on_chunk(min(start + per_call, len(prompt_ids)), len(prompt_ids))
-    return assemble(prompt_ids, responses, group_size, eos, pad, tokenizer)
+    return responses
+
+
+def batch_for(spec: ProbeSpec, ck, device: torch.device, on_chunk=None
+              ) -> tuple[Batch, torch.Tensor, list[str]]:
+    """The probe's batch: the client's rollouts, or G responses sampled per prompt and scored.
+    Returns the batch, rewards [B, G] float64 and warnings for the result."""
+    if spec.rollouts is not None:
+        rollouts = spec.rollouts[:spec.num_prompts] if spec.num_prompts else spec.rollouts
+        batch, rewards = from_client(rollouts, ck.tokenizer, ck.model, spec.prompt_format)
+        return batch, rewards, []
+    prompts = spec.prompts[:spec.num_prompts] if spec.num_prompts else spec.prompts
+    answers = spec.answers[:len(prompts)]
+    g = spec.responses_per_prompt
+    plan = SamplingPlan(prompts, spec.prompt_format, g, spec.generation, spec.seed)
+    batch = sample(ck.model, ck.tokenizer, plan, device, on_chunk=on_chunk)
+    rewards = torch.tensor([[rw.score(spec.reward_kind, batch.response_texts[n * g + j],
+                                      answers[n]) for j in range(g)]
+                            for n in range(len(prompts))], dtype=torch.float64)
+    warnings = []
+    if spec.generation.top_p < 1.0 or spec.generation.top_k > 0:
+        warnings.append("top_p/top_k truncate the sampling distribution, while S and H use the "
+                        "full softmax: δH₁ and the realized ΔH are exact only for pure "
+                        "temperature sampling")
+    return batch, rewards, warnings

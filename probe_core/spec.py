@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+Phase = Literal["load", "rollouts", "teacher_forcing", "gradients", "step", "realized"]
+PHASES: tuple[Phase, ...] = get_args(Phase)
+PromptFormat = Literal["raw", "chat"]
+RewardKind = Literal["exact_match", "math_answer", "provided"]
+AdvantageKind = Literal["mean_centered", "standardized"]
+LengthNorm = Literal["constant", "group_max", "per_sequence"]
+EstimatorMode = Literal["exact", "blocks"]
+RealizedNormalization = Literal["global", "per_prompt"]
+GradMethod = Literal["auto", "hooks", "two_backward"]
+
+DEFAULT_HOST_BUDGET_BYTES = 8 << 30          # unit vectors kept on the host up to this
+DEFAULT_MAX_TRAINABLE_PARAMS = 50_000_000    # above it a probe needs allow_full_model
 
 
 @dataclass
@@ -31,21 +45,21 @@ class GenerationSpec:
 
 @dataclass
 class ObjectiveSpec:
-    advantage: str = "mean_centered"        # mean_centered | standardized
-    length_norm: str = "constant"           # constant | group_max | per_sequence
+    advantage: AdvantageKind = "mean_centered"
+    length_norm: LengthNorm = "constant"
     length_norm_constant: float | None = None
 
 
 @dataclass
 class EstimatorSpec:
-    mode: str = "exact"                     # exact | blocks
+    mode: EstimatorMode = "exact"
     block_size: int = 4
 
 
 @dataclass
 class RealizedSpec:
     enabled: bool = True
-    normalization: str = "global"           # global | per_prompt
+    normalization: RealizedNormalization = "global"
     psis: bool = True
     ess_threshold: float = 0.5
     lr_multipliers: list[float] = field(default_factory=lambda: [1.0])
@@ -56,12 +70,12 @@ class ProbeSpec:
     checkpoint: CheckpointSpec
     prompts: list[str] | None = None
     answers: list[str] | None = None
-    prompt_format: str = "raw"              # raw | chat
+    prompt_format: PromptFormat = "raw"
     rollouts: list[ClientRollout] | None = None
     num_prompts: int | None = None
     responses_per_prompt: int = 4
     generation: GenerationSpec = field(default_factory=GenerationSpec)
-    reward_kind: str = "exact_match"        # exact_match | math_answer | provided
+    reward_kind: RewardKind = "exact_match"
     objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
     estimator: EstimatorSpec = field(default_factory=EstimatorSpec)
     lr_override: float | None = None
@@ -69,7 +83,7 @@ class ProbeSpec:
     realized: RealizedSpec = field(default_factory=RealizedSpec)
     microbatch_size: int = 2
     trace_memory: bool = True
-    host_budget_bytes: int = 8 << 30
+    host_budget_bytes: int = DEFAULT_HOST_BUDGET_BYTES
     seed: int = 0
     save_updated_adapter_to: str | None = None
 
@@ -81,7 +95,6 @@ class RuntimeOptions:
     device: str = "auto"                    # auto | cpu | cuda:N
     checkpoint_roots: list[str] | None = None  # None: any path is allowed (library use)
     trust_remote_code: bool = False
-    max_trainable_params: int = 50_000_000
+    max_trainable_params: int = DEFAULT_MAX_TRAINABLE_PARAMS
     autocast_dtype: str | None = "auto"      # auto: bf16 on CUDA when supported, else none
-    grad_method: str = "auto"                # auto | hooks | two_backward
-    fault_hook: str | None = None            # tests only: "oom:<phase>" raises an OOM there
+    grad_method: GradMethod = "auto"

@@ -5,6 +5,7 @@ chunks, and with grad each chunk is recomputed in backward (activation checkpoin
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,27 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+@dataclass
+class ChunkInputs:
+    """One chunk of sequences on the device, trimmed to its own extent.
+
+    Fields: input_ids, attention_mask, position_ids: [n, P'+L'] long; response_index: [M]
+    positions of the response tokens in the flattened [n·L'] response window; targets: [M]
+    token ids there; owner: [M] the chunk row each belongs to; rows: n; prompt_width: P';
+    response_width: L'.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_index: torch.Tensor
+    targets: torch.Tensor
+    owner: torch.Tensor
+    rows: int
+    prompt_width: int
+    response_width: int
+
+
 class TeacherForcer:
     """Computes S for slices of a Batch on the device, with the generation's mask/positions."""
 
@@ -53,7 +75,7 @@ class TeacherForcer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def chunk_inputs(self, rows: torch.Tensor) -> dict:
+    def chunk_inputs(self, rows: torch.Tensor) -> ChunkInputs:
         """Device tensors for the rows, trimmed to the chunk's own prompt/response extent
         (columns that are padding for every row in the chunk carry no information). Response
         positions are found on the host, so the device never waits on a data-dependent size."""
@@ -64,29 +86,30 @@ class TeacherForcer:
         left, right = b.prompt_width - p, b.prompt_width + width
         ids = b.input_ids[rows, left:right]                               # [n, P'+L']
         attn = b.attention_mask[rows, left:right]
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)       # as generate() assigns them
         sel = torch.nonzero(resp.reshape(-1), as_tuple=True)[0]           # [M] in n·L'
         targets = ids[:, p:].reshape(-1)[sel]                             # [M]
         dev = self.device
-        return dict(ids=to_device(ids, dev), attn=to_device(attn, dev), pos=to_device(pos, dev),
-                    sel=to_device(sel, dev), targets=to_device(targets, dev),
-                    owner=to_device(sel // max(width, 1), dev), rows=len(rows), prompt_width=p,
-                    width=width)
+        return ChunkInputs(input_ids=to_device(ids, dev), attention_mask=to_device(attn, dev),
+                           position_ids=to_device(pos, dev), response_index=to_device(sel, dev),
+                           targets=to_device(targets, dev),
+                           owner=to_device(sel // max(width, 1), dev), rows=len(rows),
+                           prompt_width=p, response_width=width)
 
     def logprobs(self, rows: torch.Tensor, *, grad: bool) -> torch.Tensor:
         """S for the given sequence indices. Returns [n] fp32 on the device (with a graph to the
         trainable parameters when grad=True)."""
         x = self.chunk_inputs(rows)
-        p, width = x["prompt_width"], x["width"]
+        p, width = x.prompt_width, x.response_width
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
         with ctx, self._autocast():
-            hidden = self.decoder(input_ids=x["ids"], attention_mask=x["attn"],
-                                  position_ids=x["pos"], use_cache=False).last_hidden_state
+            hidden = self.decoder(input_ids=x.input_ids, attention_mask=x.attention_mask,
+                                  position_ids=x.position_ids, use_cache=False).last_hidden_state
             # position t predicts token t+1: hidden at P'-1 … P'+L'-2 scores response tokens
-            h = hidden[:, p - 1:p - 1 + width].flatten(0, 1)[x["sel"]]   # [M, d]
-            token_lp = self._chunked_logprobs(h, x["targets"], grad)     # [M]
-        s = torch.zeros(x["rows"], dtype=torch.float32, device=self.device)
-        return s.index_add(0, x["owner"], token_lp)
+            h = hidden[:, p - 1:p - 1 + width].flatten(0, 1)[x.response_index]   # [M, d]
+            token_lp = self._chunked_logprobs(h, x.targets, grad)        # [M]
+        s = torch.zeros(x.rows, dtype=torch.float32, device=self.device)
+        return s.index_add(0, x.owner, token_lp)
 
     def _chunked_logprobs(self, h: torch.Tensor, targets: torch.Tensor, grad: bool):
         step = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab)
@@ -116,13 +139,7 @@ def all_logprobs(forcer: TeacherForcer, chunks: list[torch.Tensor], on_chunk=Non
     return out
 
 
-def unit_chunks(num_prompts: int, group_size: int, prompts_per_unit: int, microbatch: int
-                ) -> list[list[torch.Tensor]]:
-    """Sequence indices per unit, split into chunks of ≤ microbatch sequences. A chunk never
-    spans two units, so every chunk's gradient belongs to exactly one unit."""
-    seqs_per_unit = prompts_per_unit * group_size
-    units = []
-    for start in range(0, num_prompts * group_size, seqs_per_unit):
-        idx = torch.arange(start, start + seqs_per_unit)
-        units.append(list(idx.split(microbatch)))
-    return units
+def all_logprobs_subset(forcer: TeacherForcer, rows: torch.Tensor, size: int) -> torch.Tensor:
+    """No-grad S of some sequences, in chunks of `size` (another chunking than the probe's, for
+    the noise-floor check). Returns [len(rows)] fp32 on the host, in the order of rows."""
+    return all_logprobs(forcer, list(rows.split(size)))[rows]

@@ -39,6 +39,7 @@ class ErrorCode(str, Enum):
     degenerate_batch = "degenerate_batch"
     out_of_memory = "out_of_memory"
     worker_crashed = "worker_crashed"
+    deadline_exceeded = "deadline_exceeded"
     interrupted = "interrupted"
     cancelled = "cancelled"
     internal_error = "internal_error"
@@ -49,7 +50,8 @@ class JobError(BaseModel):
     message: str
     phase: str | None = None
     memory_trace: list[TracePoint] | None = Field(
-        None, description="The memory trace up to the failure (out_of_memory).")
+        None, description="The memory trace up to the failure (out_of_memory, "
+        "deadline_exceeded).")
 
 
 class Progress(BaseModel):

@@ -11,6 +11,7 @@ MAX_SEQUENCES = 65536
 MAX_PATH_CHARS = 4096
 MAX_TOKEN_ID = 2**31 - 1
 MAX_ABS_REWARD = 1e6
+MAX_TIMEOUT_S = 30 * 86400   # 30 days: beyond this a deadline is a typo, not a plan
 MIN_TEMPERATURE = 1e-3       # logits / τ must stay finite in float32 and bfloat16
 
 
@@ -165,6 +166,11 @@ class ProbeRequest(_Strict):
     memory: MemorySpec = Field(default_factory=MemorySpec)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     save_updated_adapter_to: CheckpointPath | None = None
+    timeout_s: float | None = Field(
+        None, gt=0, le=MAX_TIMEOUT_S, description="Deadline in seconds from the moment a worker "
+        "starts the job (queue time does not count); past it the job stops at the next chunk "
+        "boundary and fails with deadline_exceeded. Default and ceiling: the server's "
+        "ENTROPY_PROBE_MAX_JOB_SECONDS (unset: no deadline).")
 
     @model_validator(mode="before")
     @classmethod

@@ -16,7 +16,8 @@ from service.middleware import BodyLimit, RequestId
 from service.routers import health, probes
 from service.settings import Settings, worker_config
 from service.store import JobStore
-from service.supervisor import Supervisor
+from service import worker
+from service.supervisor import Deadlines, Supervisor, WorkerMain
 
 log = logging.getLogger("entropy_probe.app")
 
@@ -28,7 +29,10 @@ def _version() -> str:
         return "0"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, worker_main: WorkerMain = worker.main
+               ) -> FastAPI:
+    """The app; `worker_main` is the worker processes' entry point (tests pass one that
+    injects faults)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -39,7 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("%d unfinished jobs from before the restart marked interrupted",
                         interrupted)
         metrics = Metrics()
-        supervisor = Supervisor(store, worker_config(settings), metrics)
+        deadlines = Deadlines(settings.max_job_seconds, settings.deadline_grace_seconds)
+        supervisor = Supervisor(store, worker_config(settings), metrics, deadlines, worker_main)
         app.state.services = Services(store, supervisor, metrics)
         supervisor.start()
         try:

@@ -7,7 +7,6 @@ import math
 from importlib import metadata
 
 from probe_core import spec as core
-from probe_core.errors import InvalidRequest
 from probe_core.outcome import ProbeOutcome
 from schemas import ProbeRequest, ProbeResult
 from schemas import result as wire
@@ -75,14 +74,9 @@ def _realized(out: ProbeOutcome) -> wire.Realized | None:
 
 
 def to_result(out: ProbeOutcome) -> ProbeResult:
-    """ProbeOutcome → ProbeResult (validated by pydantic on construction). A δH₁ that is not
-    a number is an error, not a result: clamped, it would read as a real estimate."""
-    d, u = out.delta_h1, out.delta_h1.u_plain
-    if not math.isfinite(d.total):
-        raise InvalidRequest(
-            f"δH₁ came out {d.total}: the step overflowed the model's precision; scale the "
-            "rewards or the lr down, raise length_norm_constant, or check the optimizer "
-            "state's lr/eps", phase="step")
+    """ProbeOutcome → ProbeResult (validated by pydantic on construction; run_probe has
+    already refused a δH₁ that is not a number, probe_core.probe.check_finite)."""
+    d, u = out.delta_h1, out.delta_h1.u_statistic
     mem = out.memory
     return ProbeResult(
         delta_h1=wire.DeltaH1(

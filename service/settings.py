@@ -39,9 +39,15 @@ class Settings(BaseSettings):
         description="Without an adapter, more trainable parameters than this are refused unless "
         "the request sets allow_full_model.")
     max_body_bytes: int = Field(32 << 20, ge=1024, description="Request bodies above get 413.")
-    fault_hook: str | None = Field(
-        None, description="Tests only: 'oom:<phase>' simulates an OOM there, for jobs whose "
-        "seed is 424242.")
+    max_job_seconds: float | None = Field(
+        None, gt=0, description="Default deadline of a job and the ceiling of its timeout_s "
+        "(seconds from its start); unset: no deadline.")
+    deadline_grace_seconds: float = Field(
+        30.0, gt=0, description="A worker that reaches no chunk boundary this long after its "
+        "job's deadline is killed and replaced.")
+    cpu_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch.set_num_threads in each worker; unset: torch's "
+        "choice (all cores).")
 
     @property
     def roots(self) -> list[str]:
@@ -60,4 +66,4 @@ def worker_config(settings: Settings):
     """The device worker's configuration (picklable: it crosses into the worker process)."""
     from service.worker import WorkerConfig
     return WorkerConfig(runtime_options(settings), settings.host_budget_bytes,
-                        settings.fault_hook)
+                        settings.cpu_threads)

@@ -1,5 +1,10 @@
 """Server side of the worker: starts it, feeds it one job at a time, applies its messages to the
-store, and replaces it when it dies (the job it was running fails with `worker_crashed`)."""
+store, and replaces it when it dies (the job it was running fails with `worker_crashed`).
+
+Deadlines: each job carries its deadline to the worker, which stops at the next chunk boundary
+past it. A worker that is still on the job `deadline_grace_s` later (a step with no boundary: a
+huge load, a hung kernel) is killed and replaced; the job fails with `deadline_exceeded` too.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,10 @@ import queue
 import signal
 import threading
 import time
+from dataclasses import dataclass
+from typing import Callable
 
-from schemas import ErrorCode, ProbeResult
+from schemas import ErrorCode, ProbeRequest, ProbeResult
 from service import worker as w
 from service.metrics import Metrics
 from service.store import JobStore
@@ -18,6 +25,19 @@ from service.store import JobStore
 log = logging.getLogger("entropy_probe.supervisor")
 POLL_S = 0.1
 RESTART_DELAY_S = 1.0
+WorkerMain = Callable[..., None]    # service.worker.main, or a test entry point that wraps it
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    max_job_s: float | None = None      # ENTROPY_PROBE_MAX_JOB_SECONDS: default and ceiling
+    grace_s: float = 30.0
+
+    def of(self, timeout_s: float | None) -> float | None:
+        """The job's deadline in seconds: its timeout_s, at most the ceiling."""
+        if timeout_s is None:
+            return self.max_job_s
+        return timeout_s if self.max_job_s is None else min(timeout_s, self.max_job_s)
 
 
 def exit_reason(exitcode: int | None) -> str:
@@ -32,11 +52,11 @@ def exit_reason(exitcode: int | None) -> str:
 class WorkerProcess:
     """One worker process with its own queues (a killed process can leave a queue unusable)."""
 
-    def __init__(self, cfg: w.WorkerConfig):
+    def __init__(self, cfg: w.WorkerConfig, target: WorkerMain = w.main):
         ctx = mp.get_context("spawn")
         self.jobs, self.events = ctx.Queue(), ctx.Queue()
         self.cancel_id = ctx.Array("c", w.CANCEL_ID_BYTES)
-        self.process = ctx.Process(target=w.main, name="entropy-probe-worker", daemon=True,
+        self.process = ctx.Process(target=target, name="entropy-probe-worker", daemon=True,
                                    args=(cfg, self.jobs, self.events, self.cancel_id))
         self.process.start()
         self.ready: w.Ready | None = None
@@ -68,19 +88,23 @@ class WorkerProcess:
 
 
 class Supervisor:
-    def __init__(self, store: JobStore, cfg: w.WorkerConfig, metrics: Metrics):
+    def __init__(self, store: JobStore, cfg: w.WorkerConfig, metrics: Metrics,
+                 deadlines: Deadlines = Deadlines(), target: WorkerMain = w.main):
         self.store, self.cfg, self.metrics = store, cfg, metrics
+        self.deadlines, self.target = deadlines, target
         self.worker: WorkerProcess | None = None
         self.current: str | None = None           # the job the worker is running
         self._phase: str | None = None
         self._started = 0.0
+        self._deadline_s: float | None = None     # the current job's
+        self._overdue: bool = False               # killed past its deadline's grace
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
         self._lock = threading.Lock()
 
     # -- public --------------------------------------------------------------------------------
     def start(self) -> None:
-        self.worker = WorkerProcess(self.cfg)
+        self.worker = WorkerProcess(self.cfg, self.target)
         self._thread.start()
 
     def stop(self) -> None:
@@ -122,8 +146,15 @@ class Supervisor:
                 nxt = self.store.take_next()
                 if nxt is not None:
                     self.current, self._phase, self._started = nxt[0], "starting", time.time()
+                    timeout = ProbeRequest.model_validate_json(nxt[1]).timeout_s
+                    self._deadline_s = self.deadlines.of(timeout)
                     wp.cancel_id.value = b""
-                    wp.jobs.put(w.Job(*nxt))
+                    wp.jobs.put(w.Job(*nxt, deadline_s=self._deadline_s))
+            elif self.current is not None and self._past_grace():
+                self._overdue = True
+                log.error("job %s: no chunk boundary %g s past its deadline; killing worker %s",
+                          self.current, self.deadlines.grace_s, wp.process.pid)
+                wp.process.kill()
         try:
             msg = wp.events.get(timeout=POLL_S)
         except queue.Empty:
@@ -134,6 +165,10 @@ class Supervisor:
             self._replace(wp)
             return
         self._handle(wp, msg)
+
+    def _past_grace(self) -> bool:
+        return (self._deadline_s is not None and not self._overdue and
+                time.time() > self._started + self._deadline_s + self.deadlines.grace_s)
 
     def _handle(self, wp: WorkerProcess, msg) -> None:
         if isinstance(msg, w.Ready):
@@ -177,16 +212,21 @@ class Supervisor:
         reason = exit_reason(wp.process.exitcode)
         log.error("worker %s died (%s)", wp.process.pid, reason)
         with self._lock:
-            if self.current is not None:
+            if self.current is not None and self._overdue:
+                self.store.fail(self.current, ErrorCode.deadline_exceeded,
+                                w.deadline_message(self._deadline_s, self._phase, killed=True),
+                                self._phase)
+            elif self.current is not None:
                 self.store.fail(
                     self.current, ErrorCode.worker_crashed,
                     f"the worker process died while running this job ({reason}); a new worker "
                     "was started: resubmit the job (SIGKILL often means the host ran out of "
                     "memory)", self._phase)
+            if self.current is not None:
                 self.metrics.job_ran(time.time() - self._started)
-                self.current = None
+                self.current, self._overdue = None, False
         wp.stop(timeout=0.5)
         if self._stop.wait(RESTART_DELAY_S):
             return
         self.metrics.worker_restarts += 1
-        self.worker = WorkerProcess(self.cfg)
+        self.worker = WorkerProcess(self.cfg, self.target)

@@ -6,7 +6,10 @@ Protocol (picklable dataclasses over multiprocessing queues):
   server → worker   Job | None (stop)
   worker → server   Ready, JobProgress, JobDone, JobFailed
 Cancel: the server writes the running job's id into a shared byte array; the worker polls it at
-every chunk boundary (ProbeHooks.should_cancel).
+every chunk boundary (ProbeHooks.should_cancel). Deadline: Job.deadline_s, counted from when the
+worker takes the job, checked at the same boundaries (ProbeHooks.deadline).
+
+Tests inject faults through `wrap_hooks` (tests/faults.py); the production path has none.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import queue
 import re
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from probe_core.spec import RuntimeOptions
 
-FAULT_SEED = 424242          # tests only: the fault hook fires for jobs with this seed
 PROGRESS_INTERVAL_S = 0.1
 CANCEL_ID_BYTES = 64
 IDLE_POLL_S = 1.0
@@ -36,19 +39,21 @@ class WorkerConfig:
 
     options: RuntimeOptions
     host_budget_bytes: int
-    fault_hook: str | None = None
+    cpu_threads: int | None = None          # torch.set_num_threads; None: torch's choice
 
 
 @dataclass
 class Job:
     id: str
     request_json: str
+    deadline_s: float | None = None         # seconds from when the worker takes the job
 
 
 @dataclass
 class Ready:
     pid: int
     device: str
+    cpu_threads: int
 
 
 @dataclass
@@ -92,7 +97,12 @@ def scrub(message: str) -> str:
     return _PATH.sub("<path>", first)[:200]
 
 
-def main(cfg: WorkerConfig, jobs, events, cancel_id) -> None:
+# (hooks, request) → the hooks a job runs with; tests wrap them to inject faults.
+HooksWrapper = Callable[["ProbeHooks", "ProbeRequest"], "ProbeHooks"]
+
+
+def main(cfg: WorkerConfig, jobs, events, cancel_id, wrap_hooks: HooksWrapper | None = None
+         ) -> None:
     """Entry point of the worker process (multiprocessing 'spawn')."""
     import warnings
 
@@ -101,13 +111,17 @@ def main(cfg: WorkerConfig, jobs, events, cancel_id) -> None:
 
     from probe_core.checkpoint import ModelCache
     from probe_core.probe import resolve_device
+    from service import mapping  # noqa: F401 - imported before Ready, not inside a job's deadline
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)   # library deprecations, per job
+    if cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
     parent = os.getppid()
     cache = ModelCache()
-    events.put(Ready(os.getpid(), str(resolve_device(cfg.options.device))))
+    events.put(Ready(os.getpid(), str(resolve_device(cfg.options.device)),
+                     torch.get_num_threads()))
     while True:
         try:
             job = jobs.get(timeout=IDLE_POLL_S)
@@ -117,19 +131,21 @@ def main(cfg: WorkerConfig, jobs, events, cancel_id) -> None:
             continue
         if job is None:
             return
-        events.put(_run(job, cfg, cache, events, cancel_id, parent))
+        events.put(_run(job, cfg, cache, events, cancel_id, parent, wrap_hooks))
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         _trim_heap()
 
 
-def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int):
-    from probe_core.errors import ProbeError, ProbeOutOfMemory
+def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
+         wrap_hooks: HooksWrapper | None):
+    from probe_core.errors import DeadlineExceeded, ProbeError
     from probe_core.probe import ProbeHooks, run_probe
     from schemas import ProbeRequest
     from service.mapping import to_result, to_spec
 
+    deadline = None if job.deadline_s is None else time.monotonic() + job.deadline_s
     last = {"phase": "load", "t": 0.0}
 
     def progress(phase: str, done: int, total: int) -> None:
@@ -146,21 +162,31 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int):
 
     try:
         req = ProbeRequest.model_validate_json(job.request_json)
-        opts = dataclasses.replace(
-            cfg.options, fault_hook=cfg.fault_hook if req.seed == FAULT_SEED else None)
+        opts = cfg.options
         spec = to_spec(req, host_budget_bytes=cfg.host_budget_bytes)
-        outcome = run_probe(spec, opts, cache, ProbeHooks(progress, should_cancel))
+        hooks = ProbeHooks(progress, should_cancel, deadline)
+        if wrap_hooks is not None:
+            hooks = wrap_hooks(hooks, req)
+        outcome = run_probe(spec, opts, cache, hooks)
         return JobDone(job.id, to_result(outcome).model_dump_json(), outcome.base_reused)
-    except ProbeOutOfMemory as exc:
-        trace = [dataclasses.asdict(t) for t in exc.trace]
-        return JobFailed(job.id, exc.code, plain(exc.message), exc.phase, trace)
     except ProbeError as exc:
-        return JobFailed(job.id, exc.code, plain(exc.message), exc.phase)
+        message = (deadline_message(job.deadline_s, exc.phase)
+                   if isinstance(exc, DeadlineExceeded) else exc.message)
+        trace = [dataclasses.asdict(t) for t in exc.trace] or None
+        return JobFailed(job.id, exc.code, plain(message), exc.phase, trace)
     except Exception as exc:   # noqa: BLE001 - the worker must survive anything a job does
         log.exception("job %s failed unexpectedly", job.id)
         return JobFailed(job.id, "internal_error",
                          f"unexpected {type(exc).__name__}: {scrub(str(exc))}",
                          getattr(exc, "phase", None) or last["phase"])
+
+
+def deadline_message(seconds: float | None, phase: str | None, killed: bool = False) -> str:
+    how = ("and reached no chunk boundary within the grace period: its worker was killed and "
+           "replaced" if killed else "and stopped at the next chunk boundary")
+    return (f"the job ran past its deadline of {seconds:g} s during {phase} {how}; raise "
+            "timeout_s (at most the server's ENTROPY_PROBE_MAX_JOB_SECONDS) or send a smaller "
+            "batch")
 
 
 def _trim_heap() -> None:

@@ -78,11 +78,12 @@ def sampled_rollouts(model, tok, prompt_texts: list[str], group_size: int, max_n
                      seed: int, reward_fn) -> list:
     """Responses sampled from the policy (pure temperature 1) as client rollouts whose rewards
     are reward_fn(token ids)."""
-    from probe_core.rollouts import sample
+    from probe_core.rollouts import SamplingPlan, sample
     from probe_core.spec import ClientRollout, GenerationSpec
 
-    batch = sample(model, tok, prompt_texts, "raw", group_size,
-                   GenerationSpec(max_new_tokens=max_new, batch_size=256), seed=seed,
+    batch = sample(model, tok, SamplingPlan(prompt_texts, "raw", group_size,
+                                            GenerationSpec(max_new_tokens=max_new,
+                                                           batch_size=256), seed),
                    device=torch.device("cpu"))
     width = batch.prompt_width
     out = []

@@ -29,11 +29,15 @@ RELIABILITY_TOKEN = "reliability-token"
 RELIABILITY_AUTH = {"Authorization": f"Bearer {RELIABILITY_TOKEN}"}
 
 
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 class Server:
-    """One `entropy-probe serve` subprocess."""
+    """One `entropy-probe serve` subprocess; with fault_hook='kind:phase', the test-only
+    fault_server instead (tests/faults.py: the fault hits jobs whose seed is 424242)."""
 
     def __init__(self, cwd: Path, state_dir: Path, roots: str, token: str | None = None,
-                 **env: str):
+                 fault_hook: str | None = None, **env: str):
         self.port, self.token, self.cwd = free_port(), token, cwd
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, ENTROPY_PROBE_STATE_DIR=str(state_dir),
@@ -43,11 +47,14 @@ class Server:
         self.env.pop("ENTROPY_PROBE_API_TOKEN", None)
         if token:
             self.env["ENTROPY_PROBE_API_TOKEN"] = token
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (TESTS_DIR, os.path.dirname(TESTS_DIR), self.env.get("PYTHONPATH")) if p)
+        command = ["service.cli", "serve"] if fault_hook is None else [
+            "fault_server", "--fault", fault_hook]
         self.log = open(cwd / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
-             "--log-level", "warning"], cwd=cwd, env=self.env, stdout=self.log,
-            stderr=subprocess.STDOUT)
+            [sys.executable, "-m", *command, "--port", str(self.port), "--log-level",
+             "warning"], cwd=cwd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         self.http = httpx.Client(base_url=self.url, timeout=30.0, headers=self.auth())
 
     def auth(self) -> dict[str, str]:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from faults import FAULT_SEED
 from helpers import FIGURES, prompts_request, quick_request, request, slow_request, wait_job
 from schemas import ErrorCode, JobStatus
-from service.worker import FAULT_SEED
+
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("report_figures")]
 
@@ -99,7 +100,7 @@ def _broken_jobs(ck: tuple[str, str], b: dict) -> list[tuple[str, dict, str, str
          "checkpoint_invalid", "load", "eps=inf"),
         ("optimizer state with NaN moments", {"base_model": base,
                                               "adapter": str(r / "nan_moments_optimizer")},
-         "invalid_request", "step", "came out nan"),
+         "checkpoint_invalid", "step", "came out nan"),
         ("adapter of another base", {"base_model": str(r / "wide/base"), "adapter": adapter},
          "adapter_base_mismatch", "load", "adapter"),
         ("no adapter, too many parameters", {"base_model": base},

@@ -20,7 +20,8 @@ from probe_core.probe import run_probe
 from probe_core.rollouts import from_client
 from probe_core.spec import (CheckpointSpec, ClientRollout, EstimatorSpec, GenerationSpec,
                              ProbeSpec, RealizedSpec, RuntimeOptions)
-from probe_core.teacher_forcing import TeacherForcer, unit_chunks
+from probe_core.estimators.base import contiguous_layout
+from probe_core.teacher_forcing import TeacherForcer
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
 
 G, MAX_NEW = 4, 10
@@ -80,11 +81,11 @@ def _unit_vectors(ckpt, method: str, per_unit: int, microbatch: int):
         c_x = torch.randn(batch.num_sequences, generator=gen, dtype=torch.float64)
         c_y = torch.randn(batch.num_sequences, generator=gen, dtype=torch.float64)
         xs, ys, backs = [], [], 0
-        for chunks in unit_chunks(batch.num_prompts, G, per_unit, microbatch):
-            x, y, n_back = acc.unit(chunks, c_x, c_y)
-            xs.append(x.clone())
-            ys.append(y.clone())
-            backs += n_back
+        for chunks in contiguous_layout(batch.num_prompts, G, per_unit).chunks(microbatch):
+            grad = acc.unit(chunks, c_x, c_y)
+            xs.append(grad.x.clone())
+            ys.append(grad.y.clone())
+            backs += grad.backward
         return torch.stack(xs), torch.stack(ys), backs, batch.num_sequences
 
 
@@ -130,7 +131,7 @@ def test_probe_numbers_do_not_depend_on_the_gradient_method(ckpt, mode):
     for field in ("total", "gradient_term", "momentum_term", "weight_decay_term"):
         a, b = getattr(h.delta_h1, field), getattr(t.delta_h1, field)
         assert a == pytest.approx(b, rel=1e-4, abs=1e-9), field
-    assert h.delta_h1.u_plain.value == pytest.approx(t.delta_h1.u_plain.value, rel=1e-4,
+    assert h.delta_h1.u_statistic.value == pytest.approx(t.delta_h1.u_statistic.value, rel=1e-4,
                                                      abs=1e-12)
     assert h.realized.main[1].delta_h == pytest.approx(t.realized.main[1].delta_h, rel=1e-3,
                                                        abs=1e-7)
@@ -168,12 +169,13 @@ def test_hooks_on_plain_linear_weights_equal_two_backward(ckpt):
     flat = FlatParams.of(params)
     c_x = torch.linspace(-1, 1, batch.num_sequences, dtype=torch.float64)
     c_y = torch.linspace(2, -1, batch.num_sequences, dtype=torch.float64)
-    chunks = unit_chunks(batch.num_prompts, G, 1, 3)[0]
+    chunks = contiguous_layout(batch.num_prompts, G, 1).chunks(3)[0]
     hooks = GradientAccumulator(forcer, model, flat, "hooks")
     with hooks.capture:
         forcer.logprobs(chunks[0], grad=True)
     assert all(isinstance(t, torch.nn.Parameter) for t in hooks.capture.backward_inputs())
-    xh, yh, _ = hooks.unit(chunks, c_x, c_y)
-    xt, yt, _ = GradientAccumulator(forcer, model, flat, "two_backward").unit(chunks, c_x, c_y)
+    h = hooks.unit(chunks, c_x, c_y)
+    t = GradientAccumulator(forcer, model, flat, "two_backward").unit(chunks, c_x, c_y)
+    xh, yh, xt, yt = h.x, h.y, t.x, t.y
     torch.testing.assert_close(xh, xt, rtol=1e-5, atol=1e-6 * float(xt.abs().max()))
     torch.testing.assert_close(yh, yt, rtol=1e-5, atol=1e-6 * float(yt.abs().max()))

@@ -19,6 +19,7 @@ from probe_core.errors import ProbeOutOfMemory
 from probe_core.probe import PHASES, run_probe
 from probe_core.spec import (CheckpointSpec, ClientRollout, GenerationSpec, ProbeSpec,
                              RealizedSpec, RuntimeOptions)
+from faults import fault_hooks
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
 
 G = 4
@@ -70,7 +71,7 @@ def test_out_of_memory_fails_cleanly_and_the_next_probe_succeeds(spec, phase):
     cache = ModelCache()
     reference = run_probe(spec, RuntimeOptions(device="cpu"), cache)
     with pytest.raises(ProbeOutOfMemory) as info:
-        run_probe(spec, RuntimeOptions(device="cpu", fault_hook=f"oom:{phase}"), cache)
+        run_probe(spec, RuntimeOptions(device="cpu"), cache, fault_hooks(f"oom:{phase}"))
     err = info.value
     assert err.phase == phase and err.code == "out_of_memory"
     done = list(PHASES[:PHASES.index(phase)])

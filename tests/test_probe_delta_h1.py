@@ -142,9 +142,9 @@ def test_delta_h1_equals_brute_force(ckpt, tmp_path, mode, block, clip):
     close = dict(rel_tol=2e-4, abs_tol=1e-9)
     x_bar, y_bar = bf.x.mean(0), bf.y.mean(0)
     # U-statistic pieces (with W = D)
-    assert math.isclose(d.u_plain.value, bf.u_cross(units), **close)
-    assert math.isclose(d.u_plain.bars_dot, float(x_bar @ (bf.d * y_bar)), **close)
-    assert math.isclose(d.u_plain.diag_sum,
+    assert math.isclose(d.u_statistic.value, bf.u_cross(units), **close)
+    assert math.isclose(d.u_statistic.bars_dot, float(x_bar @ (bf.d * y_bar)), **close)
+    assert math.isclose(d.u_statistic.diag_sum,
                         sum(float(bf.x[k] @ (bf.d * bf.y[k])) for k in units), **close)
     # the three terms and the total
     _check_terms(bf, d, units, close)
@@ -157,8 +157,8 @@ def test_delta_h1_equals_brute_force(ckpt, tmp_path, mode, block, clip):
     rows = [sum(float(bf.x[k] @ (bf.d * bf.y[w]) + bf.x[w] @ (bf.d * bf.y[k]))
                 for w in units if w != k) / (2 * (u - 1)) for k in units]
     zeta1 = sum((r - bf.u_cross(units)) ** 2 for r in rows) / (u - 1)
-    assert math.isclose(d.u_plain.zeta1_plugin, zeta1, rel_tol=1e-3)
-    assert math.isclose(d.u_plain.se_plugin, math.sqrt(4 * zeta1 / u), rel_tol=1e-3)
+    assert math.isclose(d.u_statistic.zeta1_plugin, zeta1, rel_tol=1e-3)
+    assert math.isclose(d.u_statistic.se_plugin, math.sqrt(4 * zeta1 / u), rel_tol=1e-3)
     # the step actually taken is torch's AdamW step
     stepped = torch.cat([p.detach().reshape(-1).double()
                          for p in load_policy(ckpt[1], saved)[2]])

@@ -113,7 +113,7 @@ def test_u_statistic_and_terms_match_exact_expectations(world):
     x = out.unit_x.double()
     mu_x = -world.grad_h
     mu_y = (G - 1) / (G * MAX_NEW) * world.grad_j
-    u = d.u_plain
+    u = d.u_statistic
     assert abs(u.value - float(mu_x @ (step.d * mu_y))) < 4 * u.se_jackknife
     assert abs(d.momentum_term - float(mu_x @ step.w_momentum)) < \
         4 * float((x @ step.w_momentum).std()) / math.sqrt(x.shape[0])

@@ -101,6 +101,7 @@ def test_model_and_optimizer_are_restored_bit_for_bit(ckpt, tmp_path):
     base_model = cache.model
     base_digest = _digest(base_model.parameters())
     assert not any(p.requires_grad for p in base_model.parameters())
+    spec.save_updated_adapter_to = str(tmp_path / "upd2")   # upd holds an adapter now
     second = run_probe(spec, cache=cache)
     assert second.base_reused and cache.loads == 1
     assert _digest(base_model.parameters()) == base_digest
@@ -160,3 +161,22 @@ def test_saving_without_an_adapter_fails_before_any_compute(ckpt):
     with pytest.raises(InvalidRequest, match="needs checkpoint.adapter") as info:
         run_probe(spec)
     assert info.value.phase == "load"
+
+
+@pytest.mark.parametrize("where", ["adapter", "inside", "parent", "saved", "file"])
+def test_library_refuses_to_overwrite_the_probed_checkpoint(ckpt, tmp_path, where):
+    """run_probe (so the CLI too) refuses what the server refuses: the probed adapter's own
+    directory, a folder inside or above it, one that holds an adapter, an existing file."""
+    from probe_core.errors import InvalidRequest
+    root, base, adapter = ckpt
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "adapter_config.json").write_text("{}")
+    target = {"adapter": adapter, "inside": f"{adapter}/sub", "parent": root,
+              "saved": str(saved), "file": f"{adapter}/optimizer.pt"}[where]
+    before = {p: open(f"{adapter}/{p}", "rb").read() for p in ("adapter_model.safetensors",
+                                                                "optimizer.pt")}
+    with pytest.raises(InvalidRequest, match="save_updated_adapter_to") as info:
+        run_probe(_spec(ckpt, save_updated_adapter_to=target))
+    assert info.value.phase == "load" and "name a new directory" in info.value.message
+    assert before == {p: open(f"{adapter}/{p}", "rb").read() for p in before}

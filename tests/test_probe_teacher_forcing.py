@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from exact_world import all_responses, load_policy, response_logprobs, sequence_logprob
-from probe_core.rollouts import assemble, eos_ids, sample
+from probe_core.rollouts import SamplingPlan, assemble, eos_ids, sample
 from probe_core.spec import GenerationSpec
 from probe_core.teacher_forcing import TeacherForcer, all_logprobs
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
@@ -105,7 +105,7 @@ def test_sampling_frequencies_match_exact_enumeration(six, temperature, hostile)
         lm_config.update(top_k=2, repetition_penalty=3.0, temperature=0.3, top_p=0.5,
                          no_repeat_ngram_size=1)
     try:
-        batch = sample(model, tok, [prompt_text], "raw", n, gen, seed=11,
+        batch = sample(model, tok, SamplingPlan([prompt_text], "raw", n, gen, seed=11),
                        device=torch.device("cpu"))
     finally:
         model.get_base_model().generation_config = type(lm_config).from_dict(saved)

@@ -12,11 +12,11 @@ import sys
 import psutil
 import pytest
 
+from faults import FAULT_SEED
 from helpers import JOB_TIMEOUT_S, ONE_THREAD, poll, quick_request, slow_request, wait_running
 from schemas import ErrorCode, JobStatus, ProbeJob, ProbeRequest, ProbeResult
 from schemas.result import TracePoint
 from service.client import ProbeFailed, ProbeHTTPError
-from service.worker import FAULT_SEED
 
 TOKEN = "s3cret-token"
 SERVER_ENV = {"api_token": TOKEN, "fault_hook": "oom:gradients", "max_body_bytes": "200000"}

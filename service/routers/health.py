@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.auth import require_token
 from service.dependencies import Services, get_services, get_supervisor
@@ -21,6 +21,7 @@ class Health(BaseModel):
 class Ready(BaseModel):
     device: str
     worker_pid: int
+    cpu_threads: int = Field(description="torch's intra-op threads in the worker.")
 
 
 class NotReady(BaseModel):
@@ -47,7 +48,7 @@ def readyz(supervisor: Supervisor = Depends(get_supervisor)):
     if ready is None:
         return JSONResponse(NotReady(detail="the device worker is starting").model_dump(),
                             status_code=503, headers={"Retry-After": "1"})
-    return Ready(device=ready.device, worker_pid=ready.pid)
+    return Ready(device=ready.device, worker_pid=ready.pid, cpu_threads=ready.cpu_threads)
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses=_401_JSON,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from probe_core.errors import ProbeError
-from probe_core.paths import confine
+from probe_core.paths import confine, destination_problem
 from schemas import JobList, JobStatus, ProbeJob, ProbeRequest
 from service.auth import require_token
 from service.dependencies import get_settings, get_store, get_supervisor
@@ -54,23 +53,13 @@ def _check_paths(req: ProbeRequest, roots: list[str]) -> None:
             errors.append({"type": "invalid_request", "loc": ["body", *loc],
                            "msg": f"{loc[-1]} is not a valid file name"})
             continue
-        if loc == ("save_updated_adapter_to",) and (problem := _overwrites(resolved)):
+        if loc == ("save_updated_adapter_to",) and (
+                problem := destination_problem(resolved, [p for p in (ck.adapter, ck.base_model)
+                                                          if p])):
             errors.append({"type": "invalid_request", "loc": ["body", *loc], "input": path,
-                           "msg": f"save_updated_adapter_to {problem}; name a new directory"})
+                           "msg": problem})
     if errors:
         raise HTTPException(422, detail=errors)
-
-
-def _overwrites(path: str) -> str | None:
-    """Why writing an adapter to `path` would destroy something (a file, or a directory that
-    holds a model or adapter, such as the checkpoint being probed), else None."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        return "is an existing file"
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, name)) for name in (
-            "config.json", "adapter_config.json", "adapter_model.safetensors",
-            "model.safetensors", "optimizer.pt")):
-        return "already holds a model or adapter that the probe would overwrite"
-    return None
 
 
 def _not_found(job_id: str) -> HTTPException:
