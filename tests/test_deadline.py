@@ -43,7 +43,7 @@ def test_timeout_s_must_be_positive_and_bounded(module_server, tiny_checkpoint, 
 
 
 def test_readyz_reports_the_cpu_threads_setting(module_server):
-    assert module_server.http.get("/readyz").json()["cpu_threads"] == 2
+    assert module_server.http.get("/readyz").json()["workers"][0]["cpu_threads"] == 2
 
 
 def test_a_job_past_its_deadline_stops_at_a_chunk_boundary(module_server, tiny_checkpoint):
@@ -57,7 +57,7 @@ def test_a_job_past_its_deadline_stops_at_a_chunk_boundary(module_server, tiny_c
     assert job.status == JobStatus.failed and job.error.code == ErrorCode.deadline_exceeded
     assert job.error.phase in PHASES
     assert "0.5 s" in job.error.message and "chunk boundary" in job.error.message
-    assert job.error.memory_trace[-1]["phase"] == job.error.phase    # ends where it stopped
+    assert job.error.memory_trace[-1].phase == job.error.phase    # ends where it stopped
     assert (job.finished_at - job.started_at).total_seconds() < 0.5 + GRACE_S
     assert module_server.wait_ready() == pid          # stopped by itself: the same worker
     with module_server.client() as client:           # and the next job runs normally
