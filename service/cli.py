@@ -1,4 +1,4 @@
-"""The `entropy-probe` command: serve, run, submit, status, tiny-checkpoint, demo."""
+"""The `entropy-probe` command: serve, run, submit, status, report, tiny-checkpoint, demo."""
 
 from __future__ import annotations
 
@@ -44,13 +44,13 @@ def cmd_run(args) -> int:
     opts = RuntimeOptions(device=args.device or settings.device,
                           trust_remote_code=settings.trust_remote_code)
     try:
-        outcome = run_probe(to_spec(req, host_budget_bytes=settings.host_budget_bytes), opts,
-                            hooks=ProbeHooks(progress=progress_line))
+        spec = to_spec(req, host_budget_bytes=settings.host_budget_bytes)
+        outcome = run_probe(spec, opts, hooks=ProbeHooks(progress=progress_line))
     except ProbeError as exc:
         print(f"\nprobe failed [{exc.code}] in {exc.phase}: {exc.message}", file=sys.stderr)
         return 1
     print(file=sys.stderr)
-    result = to_result(outcome)
+    result = to_result(outcome, spec.checkpoint)
     if args.output:
         with open(args.output, "w") as f:
             f.write(result.model_dump_json(indent=2))
@@ -83,6 +83,16 @@ def cmd_submit(args) -> int:
 def cmd_status(args) -> int:
     with _client(args) as client:
         print(client.get(args.id).model_dump_json(indent=2, exclude={"result": {"memory"}}))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from service.report import write_report
+    if not args.files and args.url is None:
+        raise ValueError("name result files (run --output), or --url of a service")
+    n = write_report(args.files, args.output, url=args.url,
+                     token=os.environ.get("ENTROPY_PROBE_API_TOKEN"), title=args.title)
+    print(f"{args.output}: {n} jobs")
     return 0
 
 
@@ -124,6 +134,14 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--wait", action="store_true", help="poll until it finishes")
             s.add_argument("--timeout", type=float, default=3600.0)
         s.set_defaults(func=func)
+
+    s = sub.add_parser("report", help="the /ui plots as one self-contained HTML file")
+    s.add_argument("files", nargs="*", metavar="RESULT.json",
+                   help="result files (run --output) or job files (status)")
+    s.add_argument("--url", help="also the jobs of this service (ENTROPY_PROBE_API_TOKEN)")
+    s.add_argument("--output", required=True, help="the HTML file to write")
+    s.add_argument("--title", help="the page title")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("tiny-checkpoint", help="write a tiny real base+adapter+optimizer")
     s.add_argument("dir")
