@@ -19,6 +19,20 @@ WORKER_LABELS = ("worker", "device")
 # Probe jobs take seconds (tiny models) to an hour (a 7B model, B·G in the thousands).
 DURATION_BUCKETS_S = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
 WORKER_STATES = ("starting", "idle", "busy", "dead")
+# attribute → (kind, name without the prefix, help) of the plain per-worker series
+PER_WORKER = {
+    "restarts": (Counter, "worker_restarts", "Workers started after one died."),
+    "base_loads": (Counter, "base_model_loads", "Succeeded jobs that loaded their base model."),
+    "base_reuses": (Counter, "base_model_reuses",
+                    "Succeeded jobs that reused the loaded base model."),
+    "last_host_rss": (Gauge, "last_job_peak_host_rss_bytes",
+                      "Peak worker RSS of its last succeeded job."),
+    "peak_host_rss": (Gauge, "peak_host_rss_bytes", "Peak worker RSS over its succeeded jobs."),
+    "last_device": (Gauge, "last_job_peak_device_bytes",
+                    "Peak device memory of its last succeeded job (CUDA)."),
+    "peak_device": (Gauge, "peak_device_bytes",
+                    "Peak device memory over its succeeded jobs (CUDA)."),
+}
 disable_created_metrics()       # no *_created series: scrapers compute rates from the counters
 
 
@@ -44,24 +58,12 @@ class Metrics:
                                "busy).", WORKER_LABELS, registry=r)
         self.worker_state = Gauge(p + "worker_state", "1 for the worker's current state.",
                                   [*WORKER_LABELS, "state"], registry=r)
-        self.restarts = Counter(p + "worker_restarts", "Workers started after one died.",
-                                WORKER_LABELS, registry=r)
         self.duration = Histogram(p + "job_duration_seconds", "Wall time of jobs from start to "
-                                  "end, by the worker that ran them (the first, for a sharded "
-                                  "job) and how they ended.", [*WORKER_LABELS, "status"],
-                                  buckets=DURATION_BUCKETS_S, registry=r)
-        self.base_loads = Counter(p + "base_model_loads", "Succeeded jobs that loaded their base "
-                                  "model.", WORKER_LABELS, registry=r)
-        self.base_reuses = Counter(p + "base_model_reuses", "Succeeded jobs that reused the "
-                                   "loaded base model.", WORKER_LABELS, registry=r)
-        self.last_host_rss = Gauge(p + "last_job_peak_host_rss_bytes", "Peak worker RSS of its "
-                                   "last succeeded job.", WORKER_LABELS, registry=r)
-        self.peak_host_rss = Gauge(p + "peak_host_rss_bytes", "Peak worker RSS over its "
-                                   "succeeded jobs.", WORKER_LABELS, registry=r)
-        self.last_device = Gauge(p + "last_job_peak_device_bytes", "Peak device memory of its "
-                                 "last succeeded job (CUDA).", WORKER_LABELS, registry=r)
-        self.peak_device = Gauge(p + "peak_device_bytes", "Peak device memory over its "
-                                 "succeeded jobs (CUDA).", WORKER_LABELS, registry=r)
+                                  "end, by the worker that ran them and how they ended.",
+                                  [*WORKER_LABELS, "status"], buckets=DURATION_BUCKETS_S,
+                                  registry=r)
+        for attr, (kind, name, help_) in PER_WORKER.items():
+            setattr(self, attr, kind(p + name, help_, WORKER_LABELS, registry=r))
         self._peaks: dict[tuple[int, int, str], float] = {}
 
     # -- events from the supervisor ----------------------------------------------------------------
