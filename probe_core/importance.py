@@ -22,6 +22,15 @@ import torch
 
 
 @dataclass
+class RewardChange:
+    """J(θ⁺) − J(θ) on the same responses, rewards fixed per response."""
+
+    j_after: float
+    delta_j: float
+    se: float | None
+
+
+@dataclass
 class SnisEstimate:
     h_after: float
     delta_h: float
@@ -29,6 +38,7 @@ class SnisEstimate:
     ess: float
     ess_fraction: float
     psis_k: float | None
+    reward: RewardChange | None = None     # the mean reward's change on the same weights
 
 
 def entropy_before(s: torch.Tensor) -> tuple[float, float | None]:
@@ -84,29 +94,51 @@ def psis_k(log_w: torch.Tensor) -> float | None:
     return k if math.isfinite(k) else None
 
 
-def snis(s: torch.Tensor, s_after: torch.Tensor, normalization: str, psis: bool
-         ) -> SnisEstimate:
-    """Entropy after the step and its change. Args: s, s_after [B, G] (float)."""
+def _snis_mean(log_w: torch.Tensor, f: torch.Tensor, normalization: str
+               ) -> tuple[float, torch.Tensor]:
+    """Σ ŵ f, the self-normalized weighted mean of per-sample values f after the step, and each
+    sample's influence φ = (w/w̄)(f − Σŵf) (within its prompt for `per_prompt`): the delta-method
+    linearization of the ratio, whose stratified spread gives the SE.
+
+    Args: log_w, f: [B, G] float64. Returns (the mean over prompts, φ [B, G]).
+    """
+    if normalization == "global":
+        w = torch.exp(log_w - log_w.max())
+        after = (w * f).sum() / w.sum()
+        phi = w * (f - after) / w.mean()                                   # [B, G]
+        return float(after), phi
+    if normalization == "per_prompt":
+        w = torch.exp(log_w - log_w.max(dim=1, keepdim=True).values)
+        after_n = (w * f).sum(1, keepdim=True) / w.sum(1, keepdim=True)    # [B, 1]
+        phi = w * (f - after_n) / w.mean(dim=1, keepdim=True)
+        return float(after_n.mean()), phi
+    raise ValueError(f"unknown normalization {normalization!r}")
+
+
+def reward_change(s: torch.Tensor, s_after: torch.Tensor, rewards: torch.Tensor,
+                  normalization: str) -> RewardChange:
+    """The mean reward after the step by SNIS, Ĵ(θ⁺) = Σ ŵ R, against Ĵ(θ) = mean R, with the
+    delta-method SE of the difference (prompts as strata).
+
+    Args: s, s_after, rewards: [B, G]."""
+    r = rewards.double()
+    j_after, phi = _snis_mean(s_after.double() - s.double(), r, normalization)
+    return RewardChange(j_after, j_after - float(r.mean()), _stratified_se(phi - r))
+
+
+def snis(s: torch.Tensor, s_after: torch.Tensor, normalization: str, psis: bool,
+         rewards: torch.Tensor | None = None) -> SnisEstimate:
+    """Entropy after the step and its change; with rewards, the mean reward's change too.
+    Args: s, s_after, rewards [B, G] (float)."""
     s, s_after = s.double(), s_after.double()
     b, g = s.shape
     log_w = s_after - s                                                    # [B, G]
-    if normalization == "global":
-        w = torch.exp(log_w - log_w.max())
-        w_bar = w.mean()
-        h_after = float(-(w * s_after).sum() / w.sum())
-        phi = -w * (s_after + h_after) / w_bar                            # influence, [B, G]
-    elif normalization == "per_prompt":
-        w = torch.exp(log_w - log_w.max(dim=1, keepdim=True).values)
-        w_bar = w.mean(dim=1, keepdim=True)
-        h_n = -(w * s_after).sum(1, keepdim=True) / w.sum(1, keepdim=True)  # [B, 1]
-        h_after = float(h_n.mean())
-        phi = -w * (s_after + h_n) / w_bar
-    else:
-        raise ValueError(f"unknown normalization {normalization!r}")
+    h_after, phi = _snis_mean(log_w, -s_after, normalization)
     h_before = float(-s.mean())
     # delta method: ΔH ≈ mean(φ) − mean(−S), the linearized ratio minus the plain mean
     se = _stratified_se(phi + s)
     wf = torch.exp(log_w - log_w.max()).reshape(-1)
     ess = float(wf.sum() ** 2 / (wf * wf).sum())
     k = psis_k(log_w.reshape(-1)) if psis else None
-    return SnisEstimate(h_after, h_after - h_before, se, ess, ess / (b * g), k)
+    reward = None if rewards is None else reward_change(s, s_after, rewards, normalization)
+    return SnisEstimate(h_after, h_after - h_before, se, ess, ess / (b * g), k, reward)

@@ -30,7 +30,7 @@ def coefficients(objective: ObjectiveSpec, max_new_tokens: int, rewards: torch.T
                  lengths: torch.Tensor, s: torch.Tensor, layout: UnitLayout) -> Coefficients:
     """Args: rewards [B, G]; lengths: response tokens [N]; s: S [N]."""
     b, g = rewards.shape
-    adv = rw.advantages(rewards, objective.advantage)                             # [B, G]
+    adv = rw.advantages(rewards, objective.advantage, objective.advantage_eps)     # [B, G]
     const = objective.length_norm_constant or max_new_tokens
     ell = rw.length_norm(lengths.view(b, g), objective.length_norm, const)        # [B, G]
     c_y = adv / (g * ell)

@@ -303,7 +303,7 @@ class _Probe:
                 self.passes.forward_no_grad += s.numel()
                 swap.restore()
                 rows.append((mult, snis(s.view(b, g), s_after.view(b, g), spec.normalization,
-                                        spec.psis)))
+                                        spec.psis, seqs.rewards)))
         finally:
             swap.restore()
         h0, h0_se = entropy_before(s.view(b, g))

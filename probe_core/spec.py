@@ -9,8 +9,8 @@ Phase = Literal["load", "rollouts", "teacher_forcing", "gradients", "step", "rea
 PHASES: tuple[Phase, ...] = get_args(Phase)
 PromptFormat = Literal["raw", "chat"]
 RewardKind = Literal["exact_match", "math_answer", "provided"]
-AdvantageKind = Literal["mean_centered", "standardized"]
-LengthNorm = Literal["constant", "group_max", "per_sequence"]
+AdvantageKind = Literal["mean_centered", "standardized", "batch_standardized"]
+LengthNorm = Literal["constant", "group_max", "per_sequence", "token_mean"]
 EstimatorMode = Literal["exact", "blocks"]
 RealizedNormalization = Literal["global", "per_prompt"]
 GradMethod = Literal["auto", "hooks", "two_backward"]
@@ -48,6 +48,7 @@ class ObjectiveSpec:
     advantage: AdvantageKind = "mean_centered"
     length_norm: LengthNorm = "constant"
     length_norm_constant: float | None = None
+    advantage_eps: float | None = None      # None: the kind's default (rewards.advantages)
 
 
 @dataclass

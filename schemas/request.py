@@ -107,8 +107,17 @@ class RewardSpec(_Strict):
 
 
 class ObjectiveSpec(_Strict):
-    advantage: Literal["mean_centered", "standardized"] = "mean_centered"
-    length_norm: Literal["constant", "group_max", "per_sequence"] = "constant"
+    advantage: Literal["mean_centered", "standardized", "batch_standardized"] = Field(
+        "mean_centered", description="R − mean_g R; divided by (std_g R + ε) for "
+        "`standardized` (TRL scale_rewards='group'), by (std of all rewards + ε) for "
+        "`batch_standardized` (TRL scale_rewards='batch'). Unbiased stds.")
+    advantage_eps: float | None = Field(
+        None, gt=0.0, le=1.0, description="ε of the standardized advantages. Default 1e-6 for "
+        "`standardized` (verl's), 1e-4 for `batch_standardized` (TRL's); TRL uses 1e-4 for both.")
+    length_norm: Literal["constant", "group_max", "per_sequence", "token_mean"] = Field(
+        "constant", description="ℓ in the weight A/(G·ℓ): a constant C (Dr. GRPO), the group's "
+        "longest response, the response's own length (GRPO), or `token_mean`: each weight is "
+        "A/T_tot, T_tot the batch's response tokens (DAPO; TRL loss_type='dapo').")
     length_norm_constant: float | None = Field(
         None, ge=1e-3, description="C for length_norm=constant; default max_new_tokens "
         "(or the longest response for client rollouts).")

@@ -37,6 +37,9 @@ class RealizedRow(_Out):
     delta_h1: float = Field(description="lr_multiplier × delta_h1.total (first order is linear).")
     ess_fraction: float
     psis_k: float | None
+    delta_j: float | None = Field(None, description="J(θ + sΔθ) − J(θ), the mean reward's "
+                                  "change by SNIS on the same responses (rewards fixed).")
+    delta_j_se: float | None = None
 
 
 class Realized(_Out):
@@ -50,6 +53,9 @@ class Realized(_Out):
     psis_k: float | None
     low_ess: bool
     normalization: str
+    delta_j: float | None = Field(None, description="J(θ⁺) − J(θ) of the real step: Σŵ·R − "
+                                  "mean R on the same responses, rewards fixed per response.")
+    delta_j_se: float | None = Field(None, description="Delta-method SE of delta_j.")
     log_weight_noise_floor: float | None = Field(
         None, description="max |S − S'| when S is recomputed with another chunking: log-weights "
         "(and |ΔH| per unit of log-weight) below this are numerical noise.")
@@ -124,6 +130,11 @@ class Environment(_Out):
     entropy_probe: str
 
 
+class CheckpointEcho(_Out):
+    base_model: str | None = Field(description="As requested (null: the adapter config's base).")
+    adapter: str | None
+
+
 class ProbeResult(_Out):
     delta_h1: DeltaH1
     realized: Realized | None
@@ -136,3 +147,9 @@ class ProbeResult(_Out):
     environment: Environment
     updated_adapter: str | None = None
     warnings: list[str] = Field(default_factory=list)
+    checkpoint: CheckpointEcho | None = Field(
+        None, description="The checkpoint paths probed; /ui and `report` group the jobs of one "
+        "run by the adapter's parent directory.")
+    checkpoint_step: int | None = Field(
+        None, description="Global step of a TRL / HF Trainer `checkpoint-N` folder (its "
+        "trainer_state.json, else the folder name); null for other checkpoints.")

@@ -13,7 +13,7 @@ from service.dependencies import Services
 from service.errors import validation_error
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestId
-from service.routers import health, probes
+from service.routers import docs, health, probes, ui
 from service.settings import Settings, worker_config
 from service.store import JobStore
 from service import worker
@@ -53,12 +53,16 @@ def create_app(settings: Settings | None = None, worker_main: WorkerMain = worke
             supervisor.stop()
             store.close()
 
+    # /docs and /redoc come from routers/docs.py (assets served locally, no CDN)
     app = FastAPI(title="entropy-probe", version=_version(), lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description="Predicts and measures how one AdamW step of RL fine-tuning "
                   "changes a policy's entropy. See DESIGN.md, 'HTTP contract'.")
     app.state.settings = settings
     app.include_router(health.router)
     app.include_router(probes.router)
+    app.include_router(ui.router)
+    app.include_router(docs.router)
 
     app.add_exception_handler(RequestValidationError, validation_error)
     # Added last = outermost: the request id exists before the body limit answers, and an

@@ -1,4 +1,4 @@
-"""The `entropy-probe` command: serve, run, submit, status, tiny-checkpoint, demo.
+"""The `entropy-probe` command: serve, run, submit, status, report, tiny-checkpoint, demo.
 
 The CLI keeps the server's rules: `run` reads the same settings (ENTROPY_PROBE_*), refuses what
 the server would refuse, and a bad input (request file, setting, job id) is one line naming the
@@ -99,9 +99,9 @@ def cmd_run(args) -> int:
     hooks = ProbeHooks(progress=progress_line,
                        deadline=None if seconds is None else time.monotonic() + seconds)
     try:
-        outcome = run_probe(to_spec(req, host_budget_bytes=settings.host_budget_bytes),
-                            runtime_options(settings, device=args.device), hooks=hooks)
-        result = to_result(outcome)
+        spec = to_spec(req, host_budget_bytes=settings.host_budget_bytes)
+        outcome = run_probe(spec, runtime_options(settings, device=args.device), hooks=hooks)
+        result = to_result(outcome, spec.checkpoint)
     except ProbeError as exc:
         print(f"\nprobe failed [{exc.code}] in {exc.phase}: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
@@ -137,6 +137,19 @@ def cmd_submit(args) -> int:
 def cmd_status(args) -> int:
     with _client(args) as client:
         print(client.get(args.id).model_dump_json(indent=2, exclude={"result": {"memory"}}))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from service.report import write_report
+    if not args.files and args.url is None:
+        raise BadInput("name result files (run --output), or --url of a service")
+    try:
+        n = write_report(args.files, args.output, url=args.url,
+                         token=os.environ.get("ENTROPY_PROBE_API_TOKEN"), title=args.title)
+    except (OSError, ValueError) as exc:       # an input file that is missing or not ours
+        raise BadInput(str(exc)) from None
+    print(f"{args.output}: {n} jobs")
     return 0
 
 
@@ -190,6 +203,14 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--wait", action="store_true", help="poll until it finishes")
             s.add_argument("--timeout", type=float, default=3600.0)
         s.set_defaults(func=func)
+
+    s = sub.add_parser("report", help="the /ui plots as one self-contained HTML file")
+    s.add_argument("files", nargs="*", metavar="RESULT.json",
+                   help="result files (run --output) or job files (status)")
+    s.add_argument("--url", help="also the jobs of this service (ENTROPY_PROBE_API_TOKEN)")
+    s.add_argument("--output", required=True, help="the HTML file to write")
+    s.add_argument("--title", help="the page title")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("tiny-checkpoint", help="write a tiny real base+adapter+optimizer")
     s.add_argument("dir")

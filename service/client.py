@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import httpx
 
-from schemas import JobError, JobStatus, ProbeJob, ProbeRequest, ProbeResult, Progress
+from schemas import JobError, JobList, JobStatus, ProbeJob, ProbeRequest, ProbeResult, Progress
 
 
 class ProbeHTTPError(Exception):
@@ -76,6 +76,15 @@ class ProbeClient:
 
     def get(self, job_id: str) -> ProbeJob:
         return ProbeJob.model_validate_json(self._call("GET", _job_path(job_id)).content)
+
+    def list(self, status: JobStatus | None = None, limit: int = 20,
+             after: str | None = None) -> tuple[list[ProbeJob], bool]:
+        """One page of jobs, newest first, and whether more follow (pass the last id as
+        `after`)."""
+        params = {k: v for k, v in (("status", status.value if status else None),
+                                    ("limit", limit), ("after", after)) if v is not None}
+        page = JobList.model_validate_json(self._call("GET", "/probes", params=params).content)
+        return page.data, page.has_more
 
     def cancel(self, job_id: str) -> ProbeJob:
         return ProbeJob.model_validate_json(

@@ -8,6 +8,7 @@ from importlib import metadata
 from probe_core import spec as core
 from probe_core.memory import TracePoint
 from probe_core.outcome import BatchOutcome, ProbeOutcome
+from probe_core.trainer_state import trainer_step
 from schemas import ProbeRequest, ProbeResult
 from schemas import request as asked
 from schemas import result as wire
@@ -78,6 +79,10 @@ def _version(pkg: str) -> str:
         return "unknown"
 
 
+def _reward(est, name: str) -> float | None:
+    return None if est.reward is None else _finite(getattr(est.reward, name))
+
+
 def _realized(out: ProbeOutcome) -> wire.Realized | None:
     r = out.realized
     if r is None:
@@ -85,13 +90,15 @@ def _realized(out: ProbeOutcome) -> wire.Realized | None:
     total = out.delta_h1.total
     rows = [wire.RealizedRow(lr_multiplier=s, delta_h=_num(e.delta_h), se=_finite(e.se),
                              delta_h1=_num(s * total), ess_fraction=_num(e.ess_fraction),
-                             psis_k=_finite(e.psis_k)) for s, e in r.by_multiplier]
+                             psis_k=_finite(e.psis_k), delta_j=_reward(e, "delta_j"),
+                             delta_j_se=_reward(e, "se")) for s, e in r.by_multiplier]
     _, main = r.main
     return wire.Realized(
         delta_h=_num(main.delta_h), se=_finite(main.se), h_before=_num(r.h_before),
         h_before_se=_finite(r.h_before_se), h_after=_num(main.h_after), ess=_num(main.ess),
         ess_fraction=_num(main.ess_fraction), psis_k=_finite(main.psis_k),
         low_ess=not main.ess_fraction >= r.ess_threshold, normalization=r.normalization,
+        delta_j=_reward(main, "delta_j"), delta_j_se=_reward(main, "se"),
         log_weight_noise_floor=_finite(r.noise_floor), by_lr_multiplier=rows)
 
 
@@ -120,9 +127,18 @@ def trace_points(trace: list[TracePoint]) -> list[wire.TracePoint]:
                             host_rss_bytes=t.host_rss_bytes) for t in trace]
 
 
-def to_result(out: ProbeOutcome) -> ProbeResult:
+def _checkpoint(ck: core.CheckpointSpec | None) -> dict:
+    """The result's checkpoint echo and TRL step (both null when the caller has no spec)."""
+    if ck is None:
+        return {}
+    return {"checkpoint": wire.CheckpointEcho(base_model=ck.base_model, adapter=ck.adapter),
+            "checkpoint_step": trainer_step(ck.adapter or ck.base_model)}
+
+
+def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None) -> ProbeResult:
     """ProbeOutcome → ProbeResult (validated by pydantic on construction; run_probe has
-    already refused a δH₁ that is not a number, probe_core.probe.check_finite)."""
+    already refused a δH₁ that is not a number, probe_core.probe.check_finite).
+    `checkpoint` (the spec's) fills result.checkpoint and result.checkpoint_step."""
     d, u = out.delta_h1, out.delta_h1.u_statistic
     mem = out.memory
     return ProbeResult(
@@ -157,4 +173,4 @@ def to_result(out: ProbeOutcome) -> ProbeResult:
                                      peft=_version("peft"),
                                      entropy_probe=_version("entropy-probe")),
         updated_adapter=out.updated_adapter,
-        warnings=out.warnings)
+        warnings=out.warnings, **_checkpoint(checkpoint))

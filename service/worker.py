@@ -167,7 +167,8 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
         if wrap_hooks is not None:
             hooks = wrap_hooks(hooks, req)
         outcome = run_probe(spec, opts, cache, hooks)
-        return JobDone(job.id, to_result(outcome).model_dump_json(), outcome.base_reused)
+        result = to_result(outcome, spec.checkpoint)
+        return JobDone(job.id, result.model_dump_json(), outcome.base_reused)
     except ProbeError as exc:
         message = (deadline_message(job.deadline_s, exc.phase)
                    if isinstance(exc, DeadlineExceeded) else exc.message)

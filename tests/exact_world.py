@@ -68,6 +68,24 @@ def exact_entropy(model, prompts: list[list[int]], vocab: int, eos: int, max_new
     return torch.stack(hs).mean()
 
 
+def set_flat(params, flat: torch.Tensor) -> None:
+    """Copy the flat float64 vector `flat` [P] into the parameters, in order."""
+    off = 0
+    for p in params:
+        p.data.copy_(flat[off:off + p.numel()].view(p.shape).to(p.dtype))
+        off += p.numel()
+
+
+def value_at(params, theta: torch.Tensor, restore: torch.Tensor, fn) -> float:
+    """float(fn()) without gradients at parameters θ, then the parameters set back to restore."""
+    with torch.no_grad():
+        set_flat(params, theta)
+        try:
+            return float(fn())
+        finally:
+            set_flat(params, restore)
+
+
 def flat_grad(value: torch.Tensor, params) -> torch.Tensor:
     grads = torch.autograd.grad(value, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
@@ -92,3 +110,43 @@ def sampled_rollouts(model, tok, prompt_texts: list[str], group_size: int, max_n
         resp = [batch.input_ids[i, width:][batch.response_mask[i]].tolist() for i in rows]
         out.append(ClientRollout(text, resp, [reward_fn(r) for r in resp]))
     return out
+
+
+def token_terms(model, prompt: list[int], response: list[int], temperature: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per response token: log π_τ(y_t | y_<t) and the full next-token entropy h_t at τ, both
+    differentiable, one unpadded sequence at a time. Returns ([T], [T]) float64."""
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double() / temperature
+    lp = torch.log_softmax(logits, dim=-1)                                  # [T, V]
+    return lp.gather(1, torch.tensor(response)[:, None])[:, 0], -(lp.exp() * lp).sum(-1)
+
+
+def exact_reward(model, prompts: list[list[int]], vocab: int, eos: int, max_new: int,
+                 reward_fn, temperature: float = 1.0) -> torch.Tensor:
+    """J = (1/B) Σ_n Σ_r π(r|p_n) R(r), differentiable in the parameters; reward_fn(token ids)."""
+    responses = all_responses(vocab, eos, max_new)
+    r = torch.tensor([reward_fn(x) for x in responses], dtype=torch.float64)
+    return torch.stack([(response_logprobs(model, p, responses, temperature).exp() * r).sum()
+                        for p in prompts]).mean()
+
+
+def adamw_delta(params, state_dict: dict, loss: torch.Tensor,
+                max_grad_norm: float | None = None) -> torch.Tensor:
+    """Δθ of one real torch.optim.AdamW step on `loss` from a saved state_dict (its groups'
+    lr, betas, eps, weight decay and moments), with torch's own gradient clipping when
+    max_grad_norm is set. The parameters are put back afterwards. Returns [P] float64."""
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW([{"params": [params[i] for i in grp["params"]]}
+                             for grp in state_dict["param_groups"]])
+    opt.load_state_dict(state_dict)
+    opt.zero_grad()
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    delta = torch.cat([(p.detach() - b).reshape(-1).double() for p, b in zip(params, before)])
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+    return delta

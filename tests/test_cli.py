@@ -223,3 +223,16 @@ def test_tiny_checkpoint_bad_flag(tmp_path, flag, value, words):
     proc = cli("tiny-checkpoint", str(tmp_path / "ck"), flag, value)
     assert proc.returncode == EXIT_BAD_INPUT and flag in proc.stderr and words in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "ck").exists()
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def test_report_bad_input_is_one_line(tmp_path):
+    out = str(tmp_path / "r.html")
+    not_ours = write(tmp_path, {"delta_h1": 1}, "x.json")
+    for args, words in ((["--output", out], ("name result files",)),
+                        ([str(tmp_path / "nope.json"), "--output", out], ("No such file",)),
+                        ([write(tmp_path, "{", "bad.json"), "--output", out], ("not JSON",)),
+                        ([not_ours, "--output", out], (not_ours, "neither a result nor a job"))):
+        assert_bad_input(cli("report", *args, timeout=60), *words)
+    assert not os.path.exists(out)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from exact_world import (all_responses, exact_entropy, flat_grad, load_policy,
-                         response_logprobs, sampled_rollouts)
+from exact_world import (exact_entropy, exact_reward, flat_grad, load_policy,
+                         sampled_rollouts, value_at)
 from probe_core.probe import run_probe
 from probe_core.spec import CheckpointSpec, GenerationSpec, ProbeSpec, RealizedSpec
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
@@ -45,18 +45,8 @@ class World:
     h: float                 # exact H(θ)
 
     def entropy_at(self, theta: torch.Tensor) -> float:
-        with torch.no_grad():
-            _set(self.params, theta)
-            value = float(exact_entropy(self.model, self.prompts, 6, self.eos, MAX_NEW))
-            _set(self.params, self.theta)
-        return value
-
-
-def _set(params, flat: torch.Tensor) -> None:
-    off = 0
-    for p in params:
-        p.data.copy_(flat[off:off + p.numel()].view(p.shape).to(p.dtype))
-        off += p.numel()
+        return value_at(self.params, theta, self.theta,
+                        lambda: exact_entropy(self.model, self.prompts, 6, self.eos, MAX_NEW))
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +66,7 @@ def world(tmp_path_factory) -> World:
     prompts = [tok.encode(p) for p in DISTINCT]
     h = exact_entropy(model, prompts, 6, eos, MAX_NEW)
     grad_h = flat_grad(h, params)
-    responses = all_responses(6, eos, MAX_NEW)
-    r = torch.tensor([reward(x, a_id) for x in responses], dtype=torch.float64)
-    j = torch.stack([(response_logprobs(model, p, responses).exp() * r).sum()
-                     for p in prompts]).mean()
+    j = exact_reward(model, prompts, 6, eos, MAX_NEW, lambda x: reward(x, a_id))
     grad_j = flat_grad(j, params)
     theta = torch.cat([p.detach().reshape(-1).double() for p in params])
     return World(out, model, params, prompts, eos, a_id, theta, grad_h, grad_j, float(h.detach()))

@@ -49,3 +49,39 @@ def test_prompt_formats_match_what_training_sees():
     want = tok.apply_chat_template([{"role": "user", "content": "1+2="}],
                                    add_generation_prompt=True, tokenize=False)
     assert tok.decode(chat) == want and want.endswith("a:")
+
+
+def test_batch_standardized_is_trls_scale_rewards_batch():
+    """TRL's scale_rewards="batch": (R − mean_g R) / (nanstd over every reward + 1e-4), with
+    TRL's own nanstd (Bessel-corrected); `standardized` with ε = 1e-4 is scale_rewards="group"."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    gen = torch.Generator().manual_seed(3)
+    r = ((torch.rand(5, 4, generator=gen) < 0.3).double()
+         + 0.1 * torch.rand(5, 4, generator=gen, dtype=torch.float64))
+    centred = r - r.mean(1, keepdim=True)
+    flat = r.reshape(-1)
+    want_batch = centred / (trl_utils.nanstd(flat) + 1e-4)
+    torch.testing.assert_close(rw.advantages(r, "batch_standardized"), want_batch)
+    want_group = centred / (trl_utils.nanstd(r, dim=1, keepdim=True) + 1e-4)
+    torch.testing.assert_close(rw.advantages(r, "standardized", eps=1e-4), want_group)
+    # the batch std is one scalar: a prompt whose rewards are all equal keeps A = 0, others
+    # keep their within-group order and ratios
+    r[0] = 1.0
+    a = rw.advantages(r, "batch_standardized")
+    assert bool((a[0] == 0).all())
+    torch.testing.assert_close(a[1:] / (r[1:] - r[1:].mean(1, keepdim=True)),
+                               torch.full((4, 4), 1 / (float(r.std()) + 1e-4),
+                                          dtype=torch.float64))
+
+
+def test_token_mean_weights_are_advantage_over_batch_tokens():
+    """length_norm token_mean: c^Y = A/(G·ℓ) and the loss −(1/B) Σ c^Y S make every sequence's
+    weight A/T_tot (DAPO / TRL loss_type="dapo")."""
+    lengths = torch.tensor([[3, 5, 1, 2], [4, 4, 7, 1], [2, 2, 2, 2]])
+    b, g = lengths.shape
+    ell = rw.length_norm(lengths, "token_mean", 99.0)
+    t_tot = float(lengths.sum())
+    torch.testing.assert_close(1 / (b * g * ell), torch.full((b, g), 1 / t_tot,
+                                                             dtype=torch.float64))
+    with pytest.raises(ValueError):
+        rw.length_norm(lengths, "token_sum", 1.0)

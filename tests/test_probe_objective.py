@@ -1,0 +1,103 @@
+"""The step the probe takes is the step TRL's losses take (issue 15): for each TRL loss_type and
+scale_rewards, the saved updated adapter equals one real torch.optim.AdamW step on the loss
+written out token by token as TRL's GRPOTrainer aggregates it (brute force, autograd)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exact_world import adamw_delta, load_policy, token_terms
+from probe_core.probe import run_probe
+from probe_core.spec import (CheckpointSpec, ClientRollout, GenerationSpec, ObjectiveSpec,
+                             ProbeSpec, RealizedSpec)
+from probe_core.tiny import TinyConfig, write_tiny_checkpoint
+
+G = 4
+MAX_NEW = 6
+PROMPTS = ["1+2=", "13+4=", "7-3=", "2+2=?", "9:3="]
+RESPONSES = [["3", "12", "3 3", "33+1"], ["17", "1", "7", "17 7"], ["4", "10", "4 4", "4"],
+             ["4", "5", "22", "4+0=4"], ["3", "27", "3", "1"]]
+REWARDS = [[1, 0, 0, 0.5], [1, 1, 0, 0], [1, 0, 0.5, 1], [1, 0, 0, 0.2], [0, 0, 1, 1]]
+TRL_EPS = 1e-4
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("objective")
+    return write_tiny_checkpoint(str(root), TinyConfig(init_std=0.1, train_steps=4))
+
+
+def _rollouts(tok) -> list[ClientRollout]:
+    eos = tok.eos_token_id
+    return [ClientRollout(p, [tok.encode(r) + ([eos] if k % 2 == 0 else [])
+                              for k, r in enumerate(resps)], [float(x) for x in rew])
+            for p, resps, rew in zip(PROMPTS, RESPONSES, REWARDS)]
+
+
+def _trl_advantages(rewards: torch.Tensor, scale_rewards: str) -> torch.Tensor:
+    """grpo_trainer._generate_and_score_completions: centred per group, then divided by the
+    group's or the batch's Bessel std + 1e-4 (or not at all)."""
+    centred = rewards - rewards.mean(1, keepdim=True)
+    if scale_rewards == "group":
+        return centred / (rewards.std(1, keepdim=True) + TRL_EPS)
+    if scale_rewards == "batch":
+        return centred / (rewards.std() + TRL_EPS)
+    return centred
+
+
+def _trl_loss(loss_type: str, logps: list[torch.Tensor], adv: torch.Tensor) -> torch.Tensor:
+    """grpo_trainer._compute_loss on one batch (one micro-batch, num_iterations = 1, β = 0):
+    per-token loss −exp(lp − sg(lp))·A, aggregated as loss_type does."""
+    per_seq = [-(torch.exp(lp - lp.detach()) * a) for lp, a in zip(logps, adv.reshape(-1))]
+    tokens = sum(len(x) for x in per_seq)
+    if loss_type == "grpo":        # mean over sequences of the per-sequence token mean
+        return torch.stack([x.sum() / len(x) for x in per_seq]).mean()
+    if loss_type == "dr_grpo":     # Σ tokens / (sequences · max_completion_length)
+        return torch.stack([x.sum() for x in per_seq]).sum() / (len(per_seq) * MAX_NEW)
+    if loss_type in ("dapo", "bnpo"):   # Σ tokens / tokens in the batch
+        return torch.stack([x.sum() for x in per_seq]).sum() / tokens
+    raise ValueError(loss_type)
+
+
+OBJECTIVES = {   # loss_type → the probe's objective (README, "TRL and verl losses")
+    "dapo": dict(length_norm="token_mean"),
+    "bnpo": dict(length_norm="token_mean"),
+    "grpo": dict(length_norm="per_sequence"),
+    "dr_grpo": dict(length_norm="constant", length_norm_constant=float(MAX_NEW)),
+}
+ADVANTAGES = {"group": dict(advantage="standardized", advantage_eps=TRL_EPS),
+              "batch": dict(advantage="batch_standardized"),
+              "none": dict(advantage="mean_centered")}
+
+
+@pytest.mark.parametrize("loss_type,scale_rewards,clip", [
+    ("dapo", "group", None), ("dapo", "batch", 1e-3), ("bnpo", "none", None),
+    ("grpo", "group", None), ("dr_grpo", "batch", None)])
+def test_saved_step_is_adamw_on_trls_loss(ckpt, tmp_path, loss_type, scale_rewards, clip):
+    base, adapter = ckpt
+    model, tok, params = load_policy(base, adapter)
+    rollouts = _rollouts(tok)
+    saved = str(tmp_path / "stepped")
+    spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=rollouts,
+                     reward_kind="provided", responses_per_prompt=G,
+                     generation=GenerationSpec(max_new_tokens=MAX_NEW),
+                     objective=ObjectiveSpec(**OBJECTIVES[loss_type],
+                                             **ADVANTAGES[scale_rewards]),
+                     max_grad_norm=clip, realized=RealizedSpec(enabled=False),
+                     save_updated_adapter_to=saved)
+    out = run_probe(spec)
+
+    logps = [token_terms(model, tok(r.prompt, add_special_tokens=False)["input_ids"], resp)[0]
+             for r in rollouts for resp in r.responses]
+    rewards = torch.tensor([r.rewards for r in rollouts], dtype=torch.float64)
+    loss = _trl_loss(loss_type, logps, _trl_advantages(rewards, scale_rewards))
+    sd = torch.load(f"{adapter}/optimizer.pt", weights_only=True)
+    want = adamw_delta(params, sd, loss, clip)
+    theta = torch.cat([p.detach().reshape(-1).double() for p in params])
+    got = torch.cat([p.detach().reshape(-1).double()
+                     for p in load_policy(base, saved)[2]]) - theta
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-7)
+    torch.testing.assert_close(out.step.delta, want, rtol=1e-4, atol=2e-7)
+    if clip is not None:
+        assert out.optimizer.clip_factor < 1.0     # the clipped branch was exercised
