@@ -51,7 +51,8 @@ def _generation_spec(g: asked.GenerationSpec) -> core.GenerationSpec:
 
 def _objective_spec(o: asked.ObjectiveSpec) -> core.ObjectiveSpec:
     return core.ObjectiveSpec(advantage=o.advantage, length_norm=o.length_norm,
-                              length_norm_constant=o.length_norm_constant)
+                              length_norm_constant=o.length_norm_constant,
+                              advantage_eps=o.advantage_eps)
 
 
 def _realized_spec(r: asked.RealizedSpec) -> core.RealizedSpec:

@@ -236,3 +236,12 @@ def test_report_bad_input_is_one_line(tmp_path):
                         ([not_ours, "--output", out], (not_ours, "neither a result nor a job"))):
         assert_bad_input(cli("report", *args, timeout=60), *words)
     assert not os.path.exists(out)
+
+
+def test_every_setting_is_documented_once():
+    """The README's settings table has one row per Settings field (and the CLI's URL)."""
+    from service.settings import Settings
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    names = [f"ENTROPY_PROBE_{n.upper()}" for n in Settings.model_fields] + ["ENTROPY_PROBE_URL"]
+    rows = {n: readme.count(f"| `{n}` |") for n in names}
+    assert all(count == 1 for count in rows.values()), rows

@@ -47,7 +47,7 @@ def _non_default_request(ck: tuple[str, str]) -> ProbeRequest:
                        "batch_size": 3},
         "reward": {"kind": "math_answer"},
         "objective": {"advantage": "standardized", "length_norm": "per_sequence",
-                      "length_norm_constant": 3.0},
+                      "length_norm_constant": 3.0, "advantage_eps": 0.01},
         "estimator": {"mode": "blocks", "block_size": 2},
         "optimizer_overrides": {"lr": 0.25, "max_grad_norm": 0.5},
         "realized": {"enabled": False, "normalization": "per_prompt", "psis": False,
