@@ -3,7 +3,8 @@
 One row per job: its status and times in columns, its progress, error, request and result as JSON
 text. Nothing is held in memory: a job, a page of the list or the queue head is read from the file
 when asked for, through the `(status, seq)` index. Every state change is one transaction
-(`synchronous=FULL`: a committed change survives a crash of the server or of the host).
+(`synchronous=FULL`: a committed change survives a crash of the server or of the host; progress
+updates skip the flush).
 
 The HTTP handlers (a thread pool) and the supervisor thread share one instance: one connection,
 used under one lock (`check_same_thread=False`), so its page cache is bounded and a check-then-
@@ -116,7 +117,8 @@ class JobStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                    timeout=BUSY_TIMEOUT_MS / 1000)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self._durable = durable
+        self._synchronous = ""                  # what the connection is set to now
         self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._db.executescript(_SCHEMA)
 
@@ -125,9 +127,15 @@ class JobStore:
             self._db.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken before anything is read (BEGIN IMMEDIATE)."""
+    def _transaction(self, sync: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken before anything is read (BEGIN IMMEDIATE). `sync`: its
+        commit waits for the disk (state changes); without, it survives a crash of the
+        process but not of the host (progress), and is made durable by the next synced one."""
+        mode = "FULL" if sync and self._durable else "NORMAL"
         with self._lock:
+            if mode != self._synchronous:
+                self._db.execute(f"PRAGMA synchronous={mode}")
+                self._synchronous = mode
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -237,7 +245,8 @@ class JobStore:
 
     # -- updates from the worker ---------------------------------------------------------------
     def progress(self, job_id: str, phase: str, done: int, total: int) -> None:
-        with self._transaction() as db:
+        """Not a state change: frequent, and not worth a disk flush each."""
+        with self._transaction(sync=False) as db:
             db.execute(f"UPDATE jobs SET progress = ? WHERE id = ? AND status IN {_UNFINISHED}",
                        (Progress(phase=phase, done=done, total=total).model_dump_json(), job_id))
 

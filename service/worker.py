@@ -14,7 +14,6 @@ Tests inject faults through `wrap_hooks` (tests/faults.py); the production path 
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -80,7 +79,7 @@ class JobFailed:
     code: str
     message: str
     phase: str | None
-    memory_trace: list[dict] | None = None
+    memory_trace: list | None = None        # [schemas.result.TracePoint] up to the failure
     base_model: str | None = None
 
 
@@ -151,7 +150,7 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
     from probe_core.errors import DeadlineExceeded, ProbeError
     from probe_core.probe import ProbeHooks, run_probe
     from schemas import ProbeRequest
-    from service.mapping import to_result, to_spec
+    from service.mapping import to_result, to_spec, trace_points
 
     deadline = None if job.deadline_s is None else time.monotonic() + job.deadline_s
     last = {"phase": "load", "t": 0.0}
@@ -185,7 +184,7 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
             message += (f" (seen from the worker on host {os.uname().nodename}: with the Ray "
                         "backend every node must see the checkpoint paths at the same path; put "
                         "them on shared storage)")
-        trace = [dataclasses.asdict(t) for t in exc.trace] or None
+        trace = trace_points(exc.trace) or None
         return JobFailed(job.id, exc.code, plain(message), exc.phase, trace)
     except Exception as exc:   # noqa: BLE001 - the worker must survive anything a job does
         log.exception("job %s failed unexpectedly", job.id)

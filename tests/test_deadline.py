@@ -57,7 +57,7 @@ def test_a_job_past_its_deadline_stops_at_a_chunk_boundary(module_server, tiny_c
     assert job.status == JobStatus.failed and job.error.code == ErrorCode.deadline_exceeded
     assert job.error.phase in PHASES
     assert "0.5 s" in job.error.message and "chunk boundary" in job.error.message
-    assert job.error.memory_trace[-1].phase == job.error.phase    # ends where it stopped
+    assert job.error.memory_trace[-1].phase == job.error.phase      # ends where it stopped
     assert (job.finished_at - job.started_at).total_seconds() < 0.5 + GRACE_S
     assert module_server.wait_ready() == pid          # stopped by itself: the same worker
     with module_server.client() as client:           # and the next job runs normally

@@ -3,7 +3,6 @@ a tiny real checkpoint. Only 127.0.0.1."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -220,25 +219,6 @@ def test_metrics_prometheus_text(module_server, tiny_checkpoint):
     assert metric(module_server, "entropy_probe_worker_up") == 1
 
 
-def test_cli_submit_wait_and_status(module_server, tiny_checkpoint, tmp_path):
-    req = tmp_path / "r.json"
-    req.write_text(json.dumps(quick_request(tiny_checkpoint, seed=31)))
-    env = dict(os.environ, ENTROPY_PROBE_API_TOKEN=TOKEN)
-    cli = [sys.executable, "-m", "service.cli"]
-    proc = subprocess.run(cli + ["submit", str(req), "--wait", "--url", module_server.url],
-                          capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    job_id = proc.stdout.splitlines()[0]
-    assert "δH₁" in proc.stdout
-    proc = subprocess.run(cli + ["status", job_id, "--url", module_server.url],
-                          capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 0 and json.loads(proc.stdout)["status"] == "succeeded"
-    env.pop("ENTROPY_PROBE_API_TOKEN")
-    proc = subprocess.run(cli + ["status", job_id, "--url", module_server.url],
-                          capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 1 and "401" in proc.stderr and "Traceback" not in proc.stderr
-
-
 def test_openapi_documents_the_contract(module_server):
     doc = module_server.http.get("/openapi.json").json()
     assert {"/probes", "/probes/{job_id}", "/probes/{job_id}/cancel", "/healthz", "/readyz",
@@ -330,44 +310,6 @@ def test_restart_serves_finished_and_reports_interrupted(start_server, tiny_chec
     idle_worker = second.wait_ready()
     second.kill()
     psutil.Process(idle_worker).wait(30)                      # an idle orphan stops as well
-
-
-# -- CLI --------------------------------------------------------------------------------------
-
-def test_cli_run_in_process(tiny_checkpoint, tmp_path):
-    req, out = tmp_path / "r.json", tmp_path / "o.json"
-    req.write_text(json.dumps(quick_request(tiny_checkpoint)))
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "run", "--request", str(req),
-                           "--output", str(out)], capture_output=True, text=True, timeout=180,
-                          env=dict(os.environ, OMP_NUM_THREADS=ONE_THREAD))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = ProbeResult.model_validate_json(out.read_text())
-    assert result.batch.num_prompts == 4
-    assert "δH₁" in proc.stdout and "ΔH" in proc.stdout and "gradients" in proc.stderr
-
-
-def test_cli_run_reports_a_probe_error(tiny_checkpoint, tmp_path):
-    body = quick_request(tiny_checkpoint)
-    body["checkpoint"]["adapter"] = str(tmp_path / "missing")
-    req = tmp_path / "r.json"
-    req.write_text(json.dumps(body))
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "run", "--request", str(req)],
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 1 and "checkpoint_not_found" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-def test_cli_tiny_checkpoint_flags(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "tiny-checkpoint",
-                           str(tmp_path / "ck"), "--vocab-size", "64", "--hidden-size", "16",
-                           "--layers", "1"], capture_output=True, text=True, timeout=180,
-                          env=dict(os.environ, OMP_NUM_THREADS=ONE_THREAD))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    config = json.loads((tmp_path / "ck" / "base" / "config.json").read_text())
-    assert (config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]) == (
-        64, 16, 1)
-    assert (tmp_path / "ck" / "adapter" / "optimizer.pt").is_file()
-    assert (tmp_path / "ck" / "adapter" / "adapter_config.json").is_file()
 
 
 @pytest.mark.slow

@@ -7,9 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from probe_core.errors import ProbeError
-from probe_core.paths import confine, destination_problem
 from schemas import JobList, JobStatus, ProbeJob, ProbeRequest
+from service.admission import path_errors
 from service.auth import require_token
 from service.dependencies import get_settings, get_store, get_supervisor
 from service.errors import error_response
@@ -32,36 +31,6 @@ _SUBMIT = {413: error_response("Body too large (ENTROPY_PROBE_MAX_BODY_BYTES)"),
            429: error_response("Queue full; see Retry-After")}
 
 
-def _check_paths(req: ProbeRequest, roots: list[str]) -> None:
-    """422 naming the field for a checkpoint path outside the roots or missing."""
-    ck = req.checkpoint
-    fields = [(("checkpoint", "base_model"), ck.base_model, True),
-              (("checkpoint", "adapter"), ck.adapter, True),
-              (("checkpoint", "optimizer"), ck.optimizer, True),
-              (("save_updated_adapter_to",), req.save_updated_adapter_to, False)]
-    errors = []
-    for loc, path, must_exist in fields:
-        if path is None:
-            continue
-        try:
-            resolved = confine(path, roots, what=loc[-1], must_exist=must_exist)
-        except ProbeError as exc:
-            errors.append({"type": exc.code, "loc": ["body", *loc], "msg": exc.message,
-                           "input": path})
-            continue
-        except (ValueError, UnicodeError):      # the schema refuses these; never a 500
-            errors.append({"type": "invalid_request", "loc": ["body", *loc],
-                           "msg": f"{loc[-1]} is not a valid file name"})
-            continue
-        if loc == ("save_updated_adapter_to",) and (
-                problem := destination_problem(resolved, [p for p in (ck.adapter, ck.base_model)
-                                                          if p])):
-            errors.append({"type": "invalid_request", "loc": ["body", *loc], "input": path,
-                           "msg": problem})
-    if errors:
-        raise HTTPException(422, detail=errors)
-
-
 def _not_found(job_id: str) -> HTTPException:
     return HTTPException(404, f"no job with id {job_id[:100]!r}")
 
@@ -72,7 +41,8 @@ def submit(req: ProbeRequest, response: Response, store: JobStore = Depends(get_
            settings: Settings = Depends(get_settings),
            idempotency_key: str | None = Header(None, max_length=255)) -> ProbeJob:
     """Queue a probe job. A repeat with the same Idempotency-Key returns the first job."""
-    _check_paths(req, settings.roots)
+    if errors := path_errors(req, settings.roots):
+        raise HTTPException(422, detail=errors)
     try:
         job, _ = store.create(req, idempotency_key, settings.max_queue)
     except IdempotencyConflict as exc:
