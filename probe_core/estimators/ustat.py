@@ -178,7 +178,9 @@ class DeltaH1:
     Fields: total (= the three terms' sum), se (jackknife SE of total, None when U < 3),
     gradient_term, momentum_term, weight_decay_term; u_statistic: the U-statistic with W = D
     (reported as `u_statistic`; None for estimators without one); per_unit: each unit's
-    contribution [U] float64 (their mean is total), for the per-prompt view.
+    contribution [U] float64 (their mean is total), for the per-prompt view; leave_one_out: the
+    delete-one totals [U] whose jackknife spread is se (None when U < 3), for ratios of two
+    estimates on the same units (reward_side.exchange_rate).
     """
 
     total: float
@@ -188,6 +190,7 @@ class DeltaH1:
     weight_decay_term: float
     u_statistic: UStat | None
     per_unit: torch.Tensor | None = None
+    leave_one_out: torch.Tensor | None = None
 
 
 def cross_unit_delta_h1(dots: UnitDots, kappa: float) -> DeltaH1:
@@ -199,12 +202,13 @@ def cross_unit_delta_h1(dots: UnitDots, kappa: float) -> DeltaH1:
     weight_decay_term = float(dots.decay.mean())
     total = gradient_term + momentum_term + weight_decay_term
     linear = dots.momentum + dots.decay                                   # [U]
-    se = None
+    se = loo = None
     u = linear.numel()
     if u_grad.leave_one_out is not None:
         # the linear terms' delete-one means: (U·mean − x_u)/(U−1)
         loo_lin = (u * linear.mean() - linear) / (u - 1)
-        se = jackknife_se(-kappa * u_grad.leave_one_out + loo_lin)
+        loo = -kappa * u_grad.leave_one_out + loo_lin                     # [U]
+        se = jackknife_se(loo)
     return DeltaH1(total=total, se=se, gradient_term=gradient_term, momentum_term=momentum_term,
                    weight_decay_term=weight_decay_term, u_statistic=reported,
-                   per_unit=-kappa * u_grad.rows + linear)
+                   per_unit=-kappa * u_grad.rows + linear, leave_one_out=loo)

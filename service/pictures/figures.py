@@ -9,6 +9,8 @@ Figures carry no template: the page applies one (TEMPLATE) to all of them.
 
 from __future__ import annotations
 
+import html
+
 import plotly.graph_objects as go
 import plotly.io as pio
 
@@ -51,6 +53,12 @@ def entropy_unit(result: ProbeResult) -> str:
     return "nats per token" if per_token else "nats per response"
 
 
+def _plain(text: str) -> str:
+    """Text for a plotly label: plotly reads <b>, <a href> and entities in labels, and ids and
+    paths come from users."""
+    return html.escape(text, quote=False)
+
+
 def short_path(path: str, keep: int = 2) -> str:
     """The last `keep` components of a path ("…/output/run-3"): titles stay one line."""
     parts = [p for p in path.split("/") if p]
@@ -70,30 +78,32 @@ def run_figure(run: str, jobs: list[JobView]) -> dict:
         done.sort(key=lambda j: (j.created_at is None, j.created_at or 0, j.id))
         xs = list(range(1, len(done) + 1))
         x_title = "job, oldest first (no checkpoint-N folder, so no step)"
-    ids = [j.id for j in done]
+    ids = [j.id for j in done]               # customdata: a click selects the job
+    labels = [_plain(i) for i in ids]
     # lines join one job per step; several jobs at one step (seeds, batches) stand as points
     mode = "lines+markers" if len(set(xs)) == len(xs) else "markers"
-    fig = go.Figure(layout=_layout(f"δH₁ vs realized ΔH · run {short_path(run)}", x_title,
-                                   f"ΔH per step ({entropy_unit(done[0].result)})"
-                                   if done else "ΔH per step", scattermode="group",
+    title = f"δH₁ vs realized ΔH · run {_plain(short_path(run))}"
+    y_title = f"ΔH per step ({entropy_unit(done[0].result)})" if done else "ΔH per step"
+    fig = go.Figure(layout=_layout(title, x_title, y_title, scattermode="group",
                                    scattergap=0.8))
     fig.add_scatter(
-        x=xs, y=[j.result.delta_h1.total for j in done], customdata=ids,
+        x=xs, y=[j.result.delta_h1.total for j in done], customdata=ids, text=labels,
         error_y=_errors([j.result.delta_h1.se for j in done]), name="δH₁ predicted ± 1 SE",
         mode=mode, marker={"color": PREDICTED, "size": 9},
         line={"color": PREDICTED, "dash": "dot"},
-        hovertemplate="%{customdata}<br>step %{x}<br>δH₁ %{y:.3e}<extra></extra>")
+        hovertemplate="%{text}<br>step %{x}<br>δH₁ %{y:.3e}<extra></extra>")
     realized = [j for j in done if j.result.realized is not None]
     fig.add_scatter(
         x=[x for x, j in zip(xs, done) if j.result.realized is not None],
         y=[j.result.realized.delta_h for j in realized], customdata=[j.id for j in realized],
+        text=[_plain(j.id) for j in realized],
         error_y=_errors([j.result.realized.se for j in realized]),
         name="ΔH realized (SNIS) ± 1 SE", mode=mode,
         marker={"color": REALIZED, "size": 9, "symbol": "diamond"},
         line={"color": REALIZED, "dash": "dot"},
-        hovertemplate="%{customdata}<br>step %{x}<br>ΔH %{y:.3e}<extra></extra>")
+        hovertemplate="%{text}<br>step %{x}<br>ΔH %{y:.3e}<extra></extra>")
     if not by_step:
-        fig.update_xaxes(tickmode="array", tickvals=xs, ticktext=ids)
+        fig.update_xaxes(tickmode="array", tickvals=xs, ticktext=labels)
     elif len(set(xs)) <= MAX_STEP_TICKS:
         fig.update_xaxes(tickmode="array", tickvals=sorted(set(xs)))
     return _json(fig)
@@ -112,9 +122,10 @@ def lr_curve_figure(job: JobView) -> dict | None:
     rows = sorted(r.realized.by_lr_multiplier, key=lambda row: row.lr_multiplier)
     d, se = r.delta_h1.total, r.delta_h1.se or 0.0
     s_line = sorted({0.0, *(row.lr_multiplier for row in rows)})
-    fig = go.Figure(layout=_layout(f"First order along the step · {job.id}", "lr multiplier s "
-                                   f"(s = 1: the real step, lr {r.optimizer.lr:.2e})",
-                                   f"ΔH ({entropy_unit(r)})"))
+    fig = go.Figure(layout=_layout(
+        f"First order along the step · {_plain(job.id)}",
+        f"lr multiplier s (s = 1: the real step, lr {r.optimizer.lr:.2e})",
+        f"ΔH ({entropy_unit(r)})"))
     fig.add_scatter(x=s_line, y=[s * (d + se) for s in s_line], mode="lines", hoverinfo="skip",
                     line={"width": 0}, showlegend=False)
     fig.add_scatter(x=s_line, y=[s * (d - se) for s in s_line], mode="lines", hoverinfo="skip",
@@ -151,8 +162,9 @@ def memory_figure(job: JobView) -> dict | None:
     y_title = "host RSS, MiB" + (" (dashed: device peak)" if any(
         p.device_peak_bytes is not None for p in trace) else "")
     title = "Memory by phase" + (" up to the failure" if job.result is None else "")
-    fig = go.Figure(layout=_layout(f"{title} · {job.id}", "time since the probe started (s)",
-                                   y_title, legend_title_text="phase"))
+    fig = go.Figure(layout=_layout(f"{title} · {_plain(job.id)}",
+                                   "time since the probe started (s)", y_title,
+                                   legend_title_text="phase"))
     spare: dict[str, str] = {}
     shown: set[str] = set()
     start_t, start_rss = 0.0, None
