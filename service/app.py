@@ -14,9 +14,10 @@ from service.errors import validation_error
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestId
 from service.routers import docs, health, probes, ui
+from service import worker
+from service.pool import Backend, local_backend, worker_devices
 from service.settings import Settings, worker_config
 from service.store import JobStore
-from service import worker
 from service.supervisor import Deadlines, Supervisor, WorkerMain
 
 log = logging.getLogger("entropy_probe.app")
@@ -27,6 +28,16 @@ def _version() -> str:
         return metadata.version("entropy-probe")
     except metadata.PackageNotFoundError:
         return "0"
+
+
+def backend(settings: Settings, worker_main: WorkerMain = worker.main) -> Backend:
+    """The workers ENTROPY_PROBE_BACKEND and ENTROPY_PROBE_DEVICES ask for."""
+    cfg = worker_config(settings)
+    if settings.backend == "ray":
+        from service import ray_backend
+        return ray_backend.ray_backend(cfg, settings.devices, settings.device, worker_main,
+                                       settings.ray_address)
+    return local_backend(cfg, worker_devices(settings.devices, settings.device), worker_main)
 
 
 def create_app(settings: Settings | None = None, worker_main: WorkerMain = worker.main
@@ -44,7 +55,7 @@ def create_app(settings: Settings | None = None, worker_main: WorkerMain = worke
                         interrupted)
         metrics = Metrics()
         deadlines = Deadlines(settings.max_job_seconds, settings.deadline_grace_seconds)
-        supervisor = Supervisor(store, worker_config(settings), metrics, deadlines, worker_main)
+        supervisor = Supervisor(store, backend(settings, worker_main), metrics, deadlines)
         app.state.services = Services(store, supervisor, metrics)
         supervisor.start()
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,10 @@ class Settings(BaseSettings):
         "(default: the working directory).")
     device: str = Field(RuntimeOptions.device, pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                         description="Where the worker runs probes: auto, cpu or cuda[:N].")
+    devices: str | None = Field(
+        None, pattern=r"^\s*(auto|(cpu|cuda:\d+)(\s*,\s*(cpu|cuda:\d+))*)\s*$",
+        description="One worker per comma-separated entry (cuda:0,cuda:1; cpu,cpu); auto: every "
+        "visible GPU, else one CPU worker. Unset: one worker on ENTROPY_PROBE_DEVICE.")
     api_token: SecretStr | None = Field(
         None, description="When set, every route but /healthz needs 'Authorization: Bearer'.")
     max_queue: int = Field(64, ge=1, description="Queued (not yet running) jobs before 429.")
@@ -39,6 +44,12 @@ class Settings(BaseSettings):
         description="Without an adapter, more trainable parameters than this are refused unless "
         "the request sets allow_full_model.")
     max_body_bytes: int = Field(32 << 20, ge=1024, description="Request bodies above get 413.")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="local: one worker process per device on this host; ray: one Ray "
+        "actor per device anywhere in the cluster (the optional extra 'ray').")
+    ray_address: str | None = Field(
+        None, description="The Ray cluster to join (ray://host:10001, or auto); unset: start a "
+        "local Ray.")
     max_job_seconds: float | None = Field(
         None, gt=0, description="Default deadline of a job and the ceiling of its timeout_s "
         "(seconds from its start); unset: no deadline.")

@@ -39,6 +39,8 @@ class WorkerConfig:
     options: RuntimeOptions
     host_budget_bytes: int
     cpu_threads: int | None = None          # torch.set_num_threads; None: torch's choice
+    cuda_visible_devices: str | None = None  # the worker's pin; None: as the server's
+    remote: bool = False                    # may run on another host (Ray): paths may differ
 
 
 @dataclass
@@ -68,6 +70,7 @@ class JobDone:
     job_id: str
     result_json: str
     base_reused: bool
+    base_model: str | None = None           # what the worker's model cache holds now
 
 
 @dataclass
@@ -77,6 +80,7 @@ class JobFailed:
     message: str
     phase: str | None
     memory_trace: list | None = None        # [schemas.result.TracePoint] up to the failure
+    base_model: str | None = None
 
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\"]+")
@@ -103,6 +107,8 @@ HooksWrapper = Callable[["ProbeHooks", "ProbeRequest"], "ProbeHooks"]
 def main(cfg: WorkerConfig, jobs, events, cancel_id, wrap_hooks: HooksWrapper | None = None
          ) -> None:
     """Entry point of the worker process (multiprocessing 'spawn')."""
+    if cfg.cuda_visible_devices is not None:    # before anything initialises CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.cuda_visible_devices
     import warnings
 
     import torch
@@ -130,7 +136,9 @@ def main(cfg: WorkerConfig, jobs, events, cancel_id, wrap_hooks: HooksWrapper | 
             continue
         if job is None:
             return
-        events.put(_run(job, cfg, cache, events, cancel_id, parent, wrap_hooks))
+        outcome = _run(job, cfg, cache, events, cancel_id, parent, wrap_hooks)
+        outcome.base_model = cache.key[0] if cache.key else None
+        events.put(outcome)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -172,6 +180,10 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
     except ProbeError as exc:
         message = (deadline_message(job.deadline_s, exc.phase)
                    if isinstance(exc, DeadlineExceeded) else exc.message)
+        if cfg.remote and exc.code == "checkpoint_not_found":
+            message += (f" (seen from the worker on host {os.uname().nodename}: with the Ray "
+                        "backend every node must see the checkpoint paths at the same path; put "
+                        "them on shared storage)")
         trace = trace_points(exc.trace) or None
         return JobFailed(job.id, exc.code, plain(message), exc.phase, trace)
     except Exception as exc:   # noqa: BLE001 - the worker must survive anything a job does

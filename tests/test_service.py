@@ -12,7 +12,8 @@ import psutil
 import pytest
 
 from faults import FAULT_SEED
-from helpers import JOB_TIMEOUT_S, ONE_THREAD, poll, quick_request, slow_request, wait_running
+from helpers import (JOB_TIMEOUT_S, ONE_THREAD, metric, poll, quick_request, slow_request,
+                     wait_running)
 from schemas import ErrorCode, JobStatus, ProbeJob, ProbeRequest, ProbeResult
 from schemas.result import TracePoint
 from service.client import ProbeFailed, ProbeHTTPError
@@ -24,14 +25,6 @@ pytestmark = pytest.mark.timeout(300)
 
 def worker_rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
-
-
-def metric(server, name: str) -> float:
-    text = server.http.get("/metrics").text
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics:\n{text}")
 
 
 # -- the shared server (token, OOM fault hook for seed 424242, small body limit) ---------------
@@ -217,12 +210,12 @@ def test_metrics_prometheus_text(module_server, tiny_checkpoint):
         listed = module_server.http.get("/probes", params={"status": status.value,
                                                            "limit": 100}).json()
         assert not listed["has_more"]
-        assert metric(module_server, f'entropy_probe_jobs{{status="{status.value}"}}') == len(
+        assert metric(module_server, "entropy_probe_jobs", status=status.value) == len(
             listed["data"]), status
     assert metric(module_server, "entropy_probe_job_duration_seconds_count") >= 1
     assert metric(module_server, "entropy_probe_job_duration_seconds_sum") > 0
     assert metric(module_server, "entropy_probe_peak_host_rss_bytes") > 0
-    assert metric(module_server, "entropy_probe_queue_length") == 0
+    assert metric(module_server, "entropy_probe_queue_depth") == 0
     assert metric(module_server, "entropy_probe_worker_up") == 1
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (FIGURES, prompts_request, request, slow_request, wait_job, wait_running,
-                     worker_children)
+from helpers import (FIGURES, metric, prompts_request, request, slow_request, wait_job,
+                     wait_running, worker_children)
 from schemas import ErrorCode, JobStatus
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("report_figures")]
@@ -50,8 +50,7 @@ def test_worker_killed_idle_starting_and_mid_job_nothing_lost(start_server, tiny
         job = wait_job(server, job_id)
         assert job.status == JobStatus.succeeded, job.error
     assert server.wait_ready() not in (first, third)
-    metrics = request(server, "GET", "/metrics").text
-    assert "entropy_probe_worker_restarts_total 3" in metrics
+    assert metric(server, "entropy_probe_worker_restarts_total") == 3
 
 
 def test_stop_while_a_dead_worker_waits_to_be_replaced(start_server, tiny_checkpoint):
@@ -106,23 +105,53 @@ def test_restart_after_a_graceful_stop_mid_job(start_server, tiny_checkpoint, tm
     assert wait_job(second, new.json()["id"]).status == JobStatus.succeeded
 
 
+class ScriptedWorker:
+    """A worker channel that hands the supervisor prepared messages and records what it was
+    sent: the supervisor's bookkeeping without a process."""
+
+    def __init__(self, messages: list):
+        self.messages, self.sent = messages, []
+
+    def send(self, msg) -> None:
+        self.sent.append(msg)
+
+    def poll(self) -> list:
+        return [self.messages.pop(0)] if self.messages else []
+
+    def cancel(self, job_id: str) -> None:
+        pass
+
+    def alive(self) -> bool:
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        pass
+
+
 def test_a_result_that_does_not_fit_the_schema_fails_the_job_and_frees_the_worker(tmp_path):
     """Were the supervisor to stop on such a result, the job would stay `running` and every
-    later one `queued`, for ever. Real store, real supervisor (its worker is never started)."""
+    later one `queued`, for ever. Real store, real supervisor loop steps."""
     from probe_core.spec import RuntimeOptions
     from schemas import ProbeRequest as Req
     from service import worker as w
     from service.metrics import Metrics
+    from service.pool import Backend
     from service.store import JobStore
     from service.supervisor import Supervisor
 
     store = JobStore(tmp_path / "state")
     body = prompts_request(("base", "adapter"))
     ids = [store.create(Req.model_validate(dict(body, seed=s)), None, 8)[0].id for s in (1, 2)]
-    sup = Supervisor(store, w.WorkerConfig(RuntimeOptions(device="cpu"), 0), Metrics())
-    job_id, _ = store.take_next()
-    sup.current = job_id
-    sup._handle(None, w.JobDone(job_id, '{"delta_h1": {"total": null}}', False))
-    job = store.get(job_id)
+    channel = ScriptedWorker([w.Ready(1, "cpu", 1)])
+    backend = Backend("scripted", [("cpu", w.WorkerConfig(RuntimeOptions(device="cpu"), 0))],
+                      spawn=lambda _index, _cfg: channel)
+    sup = Supervisor(store, backend, Metrics())
+    sup.slots[0].handle = channel
+    sup._step()                                       # ready → the first job is sent
+    assert [m.id for m in channel.sent] == ids[:1]
+    channel.messages.append(w.JobDone(ids[0], '{"delta_h1": {"total": null}}', False))
+    sup._step()
+    job = store.get(ids[0])
     assert job.status == JobStatus.failed and job.error.code == ErrorCode.internal_error
-    assert sup.current is None and store.take_next()[0] == ids[1]
+    assert [m.id for m in channel.sent] == ids       # and the worker took the next one
+    assert store.get(ids[1]).status == JobStatus.running
