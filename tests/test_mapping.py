@@ -27,7 +27,9 @@ SAME_FIELDS = [(asked.CheckpointSpec, core.CheckpointSpec),
                (asked.GenerationSpec, core.GenerationSpec),
                (asked.ObjectiveSpec, core.ObjectiveSpec),
                (asked.EstimatorSpec, core.EstimatorSpec),
-               (asked.RealizedSpec, core.RealizedSpec)]
+               (asked.RealizedSpec, core.RealizedSpec),
+               (asked.EntropySpec, core.EntropySpec),
+               (asked.ReportSpec, core.ReportSpec)]
 
 
 @pytest.mark.parametrize("wire,dataclass", SAME_FIELDS, ids=[w.__name__ for w, _ in SAME_FIELDS])
@@ -49,6 +51,8 @@ def _non_default_request(ck: tuple[str, str]) -> ProbeRequest:
         "objective": {"advantage": "standardized", "length_norm": "per_sequence",
                       "length_norm_constant": 3.0, "advantage_eps": 0.01},
         "estimator": {"mode": "blocks", "block_size": 2},
+        "entropy": {"normalization": "sequence", "estimator": "sampled"},
+        "report": {"per_prompt": True},
         "optimizer_overrides": {"lr": 0.25, "max_grad_norm": 0.5},
         "realized": {"enabled": False, "normalization": "per_prompt", "psis": False,
                      "ess_threshold": 0.25, "lr_multipliers": [0.5, 2.0]},
