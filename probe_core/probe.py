@@ -38,6 +38,7 @@ from probe_core.outcome import (BatchOutcome, OptimizerOutcome, Passes, ProbeOut
 from probe_core.paths import check_destination
 from probe_core.proxy import covariance_proxy
 from probe_core.rollouts import Batch, batch_for
+from probe_core.sharding import BatchPart, ShardExchange, join
 from probe_core.spec import PHASES, Phase, ProbeSpec, RuntimeOptions
 from probe_core.stages import (GradientShard, keeps_unit_vectors, map_gradients, map_unit_dots,
                                reduce_gradients)
@@ -60,6 +61,7 @@ class ProbeHooks:
     progress: Callable[[str, int, int], None] | None = None
     should_cancel: Callable[[], bool] | None = None
     deadline: float | None = None
+    exchange: ShardExchange | None = None   # this probe is one shard of a job (sharding.py)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,6 +100,7 @@ class _StepResult:
     step: AdamWStep
     estimate: DeltaH1
     updated_adapter: str | None
+    units: int                      # of the whole job (every shard's)
 
 
 class _Probe:
@@ -125,6 +128,12 @@ class _Probe:
         self.tracer.mark(phase)
 
     def _tick(self, done: int, total: int) -> None:
+        self._check()
+        if self.hooks.progress:
+            self.hooks.progress(self.phase, done, total)
+
+    def _check(self) -> None:
+        """A chunk boundary: stop here if the job was cancelled or is past its deadline."""
         self.tracer.sample()
         if self.hooks.should_cancel and self.hooks.should_cancel():
             raise ProbeCancelled("the job was cancelled", phase=self.phase)
@@ -132,8 +141,6 @@ class _Probe:
             self.tracer.mark(self.phase)        # the trace ends where the job stopped
             raise DeadlineExceeded("the job ran past its deadline", phase=self.phase,
                                    trace=list(self.tracer.trace))
-        if self.hooks.progress:
-            self.hooks.progress(self.phase, done, total)
 
     def _counter(self, total: int) -> Callable[[], None]:
         """An on_chunk callback that reports 1, 2, … of total chunks done."""
@@ -187,12 +194,17 @@ class _Probe:
                                   self.opts.grad_method)
         shard = self._gradients(acc, seqs)
         result = self._step(ck, acc, seqs, shard)
-        realized = None
+        s_after = None
         if self.spec.realized.enabled:
             self._enter("realized")
-            realized = self._realized(forcer, seqs, ParameterSwap(acc.flat), result.step)
+            s_after = self._shifted(forcer, seqs, ParameterSwap(acc.flat), result.step)
+        whole = self._whole(forcer, seqs, s_after)
+        self._warn_degenerate(whole.advantages, result.state, result.units)
+        realized = None
+        if s_after is not None:
+            realized = self._realized(whole)
             self._finish("realized")
-        return self._outcome(ck, seqs, shard, result, realized, acc.method)
+        return self._outcome(ck, whole, shard, result, realized, acc.method)
 
     # -- phases ------------------------------------------------------------------------------
     def _rollouts(self, ck: LoadedCheckpoint) -> tuple[Batch, torch.Tensor]:
@@ -244,15 +256,18 @@ class _Probe:
         self._enter("step")
         swap = ParameterSwap(acc.flat)
         state = AdamWState.from_states(ck.states, self.spec.lr_override)
-        means = reduce_gradients([shard])
+        exchange = self.hooks.exchange
+        means = (reduce_gradients([shard]) if exchange is None
+                 else exchange.means(shard, self._check))
         step = adamw_step(state, means.y_bar, swap.theta(), self.spec.max_grad_norm)
         if shard.unit_x is not None:
             dots = map_unit_dots(shard, step, means)
         else:
             dots = self._recomputed_dots(acc, seqs, step, means)
+        if exchange is not None:                # every shard's units, in order
+            dots = UnitDots.cat(exchange.gather(dots, self._check))
         estimate = self.estimator.delta_h1(dots, step.kappa)
         check_finite(estimate, state)
-        self._warn_degenerate(seqs.coefs.advantages, state, seqs.layout.num_units)
         updated = None
         if self.save_to is not None:   # the real step, s = 1, whatever the multipliers are
             try:
@@ -262,7 +277,7 @@ class _Probe:
                 swap.restore()
         self._finish("step")
         return _StepResult(state=state, means=means, step=step, estimate=estimate,
-                           updated_adapter=updated)
+                           updated_adapter=updated, units=int(dots.momentum.numel()))
 
     def _recomputed_dots(self, acc: GradientAccumulator, seqs: _Sequences, step: AdamWStep,
                          means: UnitMeans) -> UnitDots:
@@ -287,29 +302,48 @@ class _Probe:
         if n_units < MIN_UNITS_FOR_JACKKNIFE:
             self.warnings.append("fewer than 3 units: the jackknife SE is undefined (null)")
 
-    def _realized(self, forcer: TeacherForcer, seqs: _Sequences, swap: ParameterSwap,
-                  step: AdamWStep) -> RealizedOutcome:
-        """Phase 4: S⁺ at θ + sΔθ on the same sequences for each multiplier, then SNIS."""
-        spec = self.spec.realized
+    def _shifted(self, forcer: TeacherForcer, seqs: _Sequences, swap: ParameterSwap,
+                 step: AdamWStep) -> torch.Tensor:
+        """Phase 4's forwards: S⁺ at θ + sΔθ on the same sequences, [N, M] for the M lr
+        multipliers (parameters restored after each)."""
+        mults = self.spec.realized.lr_multipliers
         chunks = [c for u in seqs.layout.chunks(self.spec.microbatch_size) for c in u]
-        b, g = seqs.batch.num_prompts, seqs.batch.group_size
-        s = seqs.s
-        rows = []
-        on_chunk = self._counter(len(chunks) * len(spec.lr_multipliers))
+        on_chunk = self._counter(len(chunks) * len(mults))
+        columns = []
         try:
-            for mult in spec.lr_multipliers:
+            for mult in mults:
                 swap.apply(step.delta, mult)
-                s_after = all_logprobs(forcer, chunks, on_chunk=lambda *_: on_chunk())
-                self.passes.forward_no_grad += s.numel()
+                columns.append(all_logprobs(forcer, chunks, on_chunk=lambda *_: on_chunk()))
+                self.passes.forward_no_grad += seqs.s.numel()
                 swap.restore()
-                rows.append((mult, snis(s.view(b, g), s_after.view(b, g), spec.normalization,
-                                        spec.psis, seqs.rewards)))
         finally:
             swap.restore()
-        h0, h0_se = entropy_before(s.view(b, g))
+        return torch.stack(columns, 1)                                          # [N, M]
+
+    def _whole(self, forcer: TeacherForcer, seqs: _Sequences, s_after: torch.Tensor | None
+               ) -> BatchPart:
+        """The per-sequence numbers of the whole batch: this probe's, or every shard's."""
+        part = BatchPart(s=seqs.s, lengths=seqs.batch.lengths, rewards=seqs.rewards,
+                         advantages=seqs.coefs.advantages, s_after=s_after,
+                         noise_floor=None if s_after is None else self._noise_floor(forcer,
+                                                                                  seqs.s),
+                         passes=self.passes)
+        if self.hooks.exchange is None:
+            return part
+        return join(self.hooks.exchange.gather(part, self._check))
+
+    def _realized(self, whole: BatchPart) -> RealizedOutcome:
+        """Phase 4's estimates: SNIS of S⁺ against S for each multiplier."""
+        spec = self.spec.realized
+        b, g = whole.rewards.shape
+        s = whole.s.view(b, g)
+        rows = [(mult, snis(s, whole.s_after[:, k].view(b, g), spec.normalization, spec.psis,
+                            whole.rewards))
+                for k, mult in enumerate(spec.lr_multipliers)]
+        h0, h0_se = entropy_before(s)
         return RealizedOutcome(h_before=h0, h_before_se=h0_se, normalization=spec.normalization,
                                ess_threshold=spec.ess_threshold, by_multiplier=rows,
-                               noise_floor=self._noise_floor(forcer, s))
+                               noise_floor=whole.noise_floor)
 
     def _noise_floor(self, forcer: TeacherForcer, s: torch.Tensor) -> float:
         """max |S − S'| over a few sequences recomputed with another chunking."""
@@ -319,11 +353,11 @@ class _Probe:
         self.passes.noise_check_forward += n
         return float((alt - s[:n]).abs().max())
 
-    def _outcome(self, ck: LoadedCheckpoint, seqs: _Sequences, shard: GradientShard,
+    def _outcome(self, ck: LoadedCheckpoint, whole: BatchPart, shard: GradientShard,
                  result: _StepResult, realized: RealizedOutcome | None, grad_method: str
                  ) -> ProbeOutcome:
-        batch, adv, step = seqs.batch, seqs.coefs.advantages, result.step
-        b, g = batch.num_prompts, batch.group_size
+        adv, step = whole.advantages, result.step
+        b, g = adv.shape
         first = ck.states[0]
         lr = float(result.state.lr[0]) if result.state.lr.numel() else first.lr
         optimizer = OptimizerOutcome(
@@ -332,15 +366,15 @@ class _Probe:
             clip_factor=step.kappa, param_groups=len({st.group for st in ck.states}))
         summary = BatchOutcome(
             num_prompts=b, responses_per_prompt=g,
-            mean_response_tokens=float(batch.lengths.double().mean()),
-            reward_mean=float(seqs.rewards.mean()),
+            mean_response_tokens=float(whole.lengths.double().mean()),
+            reward_mean=float(whole.rewards.mean()),
             zero_advantage_prompts=int((adv == 0).all(1).sum()))
         for phase in PHASES:
             self.timing.setdefault(phase, 0.0)
         return ProbeOutcome(
-            delta_h1=result.estimate, mode=self.estimator.mode, units=seqs.layout.num_units,
-            realized=realized, batch=summary, proxy=covariance_proxy(seqs.s.view(b, g), adv),
-            proxy_lr=lr, optimizer=optimizer, passes=self.passes, timing=self.timing,
+            delta_h1=result.estimate, mode=self.estimator.mode, units=result.units,
+            realized=realized, batch=summary, proxy=covariance_proxy(whole.s.view(b, g), adv),
+            proxy_lr=lr, optimizer=optimizer, passes=whole.passes, timing=self.timing,
             memory=self.tracer, device=str(self.device), updated_adapter=result.updated_adapter,
             grad_method=grad_method, base_reused=ck.base_reused, warnings=self.warnings,
             step=step, x_bar=result.means.x_bar, y_bar=result.means.y_bar,

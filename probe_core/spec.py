@@ -86,6 +86,8 @@ class ProbeSpec:
     trace_memory: bool = True
     host_budget_bytes: int = DEFAULT_HOST_BUDGET_BYTES
     seed: int = 0
+    first_prompt: int = 0                   # a shard's first prompt in its job's batch: the
+                                            # sampling seeds follow the job's prompt indices
     save_updated_adapter_to: str | None = None
 
 
