@@ -17,8 +17,6 @@ from probe_core.errors import InvalidRequest, TokenizerError
 from probe_core import rewards as rw
 from probe_core.spec import ClientRollout, GenerationSpec, ProbeSpec
 
-SEED_STRIDE = 1_000_003     # a prime: (seed, prompt index) pairs map to distinct call seeds
-
 
 @dataclass
 class Batch:
@@ -157,7 +155,6 @@ class SamplingPlan:
     group_size: int
     generation: GenerationSpec
     seed: int
-    first_prompt: int = 0       # index of prompts[0] in the job's batch (seeds follow it)
 
 
 @torch.no_grad()
@@ -175,6 +172,7 @@ def sample(model, tokenizer, plan: SamplingPlan, device: torch.device, on_chunk=
         max_new_tokens=gen.max_new_tokens, eos_token_id=eos_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0, num_beams=1,
         min_new_tokens=0)
+    torch.manual_seed(plan.seed)
     # generate() fills every setting the config leaves unset from the checkpoint's own
     # generation_config (Qwen ships top_k=20, top_p=0.8, repetition_penalty=1.05 ...): those
     # would change the sampling distribution away from π_τ, so they are hidden while sampling.
@@ -188,26 +186,13 @@ def sample(model, tokenizer, plan: SamplingPlan, device: torch.device, on_chunk=
                     config.pad_token_id, tokenizer)
 
 
-def prompts_per_call(generation: GenerationSpec, group_size: int) -> int:
-    """Prompts per generate() call: their G responses each, at most generation.batch_size."""
-    return max(1, generation.batch_size // group_size)
-
-
-def call_seed(seed: int, first_prompt: int) -> int:
-    """The torch seed of the generate() call whose first prompt is `first_prompt` of the job."""
-    return (seed * SEED_STRIDE + first_prompt) % (1 << 63)
-
-
 def _generate(model, prompt_ids: list[list[int]], plan: SamplingPlan, config,
               device: torch.device, on_chunk) -> list[list[int]]:
     """The responses' token ids (up to and including the first EOS), G per prompt in order."""
     g, pad = plan.group_size, config.pad_token_id
-    per_call = prompts_per_call(plan.generation, g)
+    per_call = max(1, plan.generation.batch_size // g)
     responses: list[list[int]] = []
     for start in range(0, len(prompt_ids), per_call):
-        # seeded per call, by the job's prompt index: a shard of the batch that starts on a
-        # call boundary samples the same responses as the whole batch in one worker
-        torch.manual_seed(call_seed(plan.seed, plan.first_prompt + start))
         chunk = [p for p in prompt_ids[start:start + per_call] for _ in range(g)]
         width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -236,8 +221,7 @@ def batch_for(spec: ProbeSpec, ck, device: torch.device, on_chunk=None
     prompts = spec.prompts[:spec.num_prompts] if spec.num_prompts else spec.prompts
     answers = spec.answers[:len(prompts)]
     g = spec.responses_per_prompt
-    plan = SamplingPlan(prompts, spec.prompt_format, g, spec.generation, spec.seed,
-                        spec.first_prompt)
+    plan = SamplingPlan(prompts, spec.prompt_format, g, spec.generation, spec.seed)
     batch = sample(ck.model, ck.tokenizer, plan, device, on_chunk=on_chunk)
     rewards = torch.tensor([[rw.score(spec.reward_kind, batch.response_texts[n * g + j],
                                       answers[n]) for j in range(g)]
