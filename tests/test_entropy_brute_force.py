@@ -189,3 +189,62 @@ def test_default_estimator_memory_is_flat_in_batch_and_group(tmp_path):
         largest[(b, g)] = mode.largest
     print(f"\nlargest tensor (bytes) by (B, G): {largest}")
     assert largest[(16, 4)] == largest[(4, 4)] and largest[(4, 8)] == largest[(4, 4)]
+
+
+def test_per_prompt_view_adds_up_and_reaches_the_wire(ckpt, brute_force):
+    """report.per_prompt: each prompt's h_before is its own Σf/ΣT, the units' δH₁ parts average
+    to δH₁, and (per_prompt SNIS, sequence entropy) the prompts' ΔH_n average to ΔH."""
+    pytest.importorskip("pydantic")
+    from service.mapping import to_result
+    from probe_core.spec import ReportSpec
+
+    base, adapter = ckpt
+    tok = load_policy(base, None)[1]
+    rollouts = _rollouts(tok, B, G, MAX_NEW)
+    bf = brute_force(rollouts, 0.8)
+    for kind in (EntropySpec("token_mean", "full_vocabulary"), EntropySpec("sequence", "sampled")):
+        spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=rollouts,
+                         reward_kind="provided", responses_per_prompt=G, entropy=kind,
+                         generation=GenerationSpec(max_new_tokens=MAX_NEW, temperature=0.8),
+                         report=ReportSpec(per_prompt=True), microbatch_size=2,
+                         realized=RealizedSpec(normalization="per_prompt",
+                                               lr_multipliers=[0.5, 1.0]))
+        out = run_probe(spec)
+        view = out.per_prompt
+        _, _, f, t = bf.summaries(kind, 1, MAX_NEW)
+        ell = t if kind.normalization == "token_mean" else torch.ones_like(t)
+        own = f.view(B, G).sum(1) / ell.view(B, G).sum(1)
+        torch.testing.assert_close(view.h_before, own, rtol=1e-5, atol=1e-7)
+        assert torch.equal(view.unit, torch.arange(B))
+        assert abs(float(view.delta_h1.mean()) - out.delta_h1.total) < 1e-9 + 1e-9 * abs(
+            out.delta_h1.total)
+        if kind.normalization == "sequence":
+            assert abs(float(view.delta_h.mean()) - out.realized.main[1].delta_h) < 1e-9
+        rows = to_result(out).model_dump(mode="json")
+        assert rows["entropy"] == {"normalization": kind.normalization,
+                                   "estimator": kind.estimator, "temperature": 0.8}
+        assert [r["index"] for r in rows["per_prompt"]] == list(range(B))
+        assert rows["per_prompt"][0]["h_before"] == pytest.approx(float(own[0]), rel=1e-5)
+
+
+def test_request_entropy_kind_defaults_and_refusals():
+    """The request's `entropy` defaults to token_mean + full_vocabulary and maps onto the spec;
+    an unknown kind is a field-level validation error."""
+    pydantic = pytest.importorskip("pydantic")
+    from schemas import ProbeRequest
+    from service.mapping import to_spec
+
+    body = {"checkpoint": {"adapter": "a"}, "prompts": ["p"], "answers": ["a"]}
+    spec = to_spec(ProbeRequest.model_validate(body), host_budget_bytes=0)
+    assert (spec.entropy.normalization, spec.entropy.estimator) == ("token_mean",
+                                                                    "full_vocabulary")
+    assert spec.report.per_prompt is False
+    body.update(entropy={"normalization": "sequence", "estimator": "sampled"},
+                report={"per_prompt": True})
+    spec = to_spec(ProbeRequest.model_validate(body), host_budget_bytes=0)
+    assert (spec.entropy.normalization, spec.entropy.estimator, spec.report.per_prompt) == \
+        ("sequence", "sampled", True)
+    body["entropy"] = {"estimator": "rao_blackwell"}
+    with pytest.raises(pydantic.ValidationError) as info:
+        ProbeRequest.model_validate(body)
+    assert info.value.errors()[0]["loc"] == ("entropy", "estimator")
