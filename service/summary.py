@@ -17,6 +17,14 @@ def _pm(value: float, se: float | None) -> str:
     return f"{value:+.4e} ± {se:.1e}" if se is not None else f"{value:+.4e} (SE n/a)"
 
 
+def _kind(r: ProbeResult) -> str:
+    e = r.entropy
+    if e is None:
+        return "n/a"
+    unit = "nats per token" if e.normalization == "token_mean" else "nats per response"
+    return f"{e.normalization}, {e.estimator}, τ = {e.temperature:g} ({unit})"
+
+
 def summarize(r: ProbeResult) -> str:
     d = r.delta_h1
     lines = [
@@ -24,6 +32,7 @@ def summarize(r: ProbeResult) -> str:
         f"mean {r.batch.mean_response_tokens:.1f} tokens, reward mean {r.batch.reward_mean:.3f}",
         f"optimizer    lr {r.optimizer.lr:.2e}, step {r.optimizer.step}, "
         f"grad norm {r.optimizer.grad_norm:.3e}",
+        f"entropy      {_kind(r)}",
         f"δH₁ (pred.)  {_pm(d.total, d.se)}   [{d.mode}, {d.units} units]",
         f"  gradient {d.gradient_term:+.3e}  momentum {d.momentum_term:+.3e}  "
         f"weight decay {d.weight_decay_term:+.3e}",
