@@ -81,6 +81,12 @@ def run_one(req: dict, device: str, threads: int, workdir: str) -> dict:
             "trace": result["memory"]["trace"]}
 
 
+def weights_bytes(*folders: str) -> int:
+    """The model's own footprint: the bytes of its safetensors weights (base and adapter)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d in folders for f in os.listdir(d)
+               if f.endswith(".safetensors"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, nargs="+", default=None)
@@ -93,8 +99,10 @@ def main() -> None:
     base, adapter, description = resolve_model_args(args)
     cuda = args.device.startswith("cuda")
     rows = []
-    print(f"model: {description}; ≤{args.tokens} new tokens, microbatch {args.microbatch}, "
-          f"device {args.device}; each size in a fresh process\n")
+    weights = weights_bytes(base, adapter)
+    print(f"model: {description}; weights {weights / 2**20:.0f} MiB; ≤{args.tokens} new "
+          f"tokens, microbatch {args.microbatch}, device {args.device}; each size in a fresh "
+          "process\n")
     print(f"{'estimator':16}{'B':>4}{'G':>4}{'seqs':>6}{'max RSS MiB':>13}{'trace peak':>12}"
           f"{'after load':>12}{'peak-load':>11}{'device MiB':>12}{'seconds':>9}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +138,9 @@ def main() -> None:
         print(f"  {est}: largest/smallest size (B={large['prompts']},G={large['group']} / "
               f"B={small['prompts']},G={small['group']}) = {large[key] / small[key]:.3f}; "
               f"peak RSS minus the RSS after load at the largest: "
-              f"{(large['max_rss_bytes'] - large['rss_after_load_bytes']) / 2**20:.0f} MiB")
+              f"{(large['max_rss_bytes'] - large['rss_after_load_bytes']) / 2**20:.0f} MiB, "
+              f"minus the model's weights: {(large['max_rss_bytes'] - weights) / 2**20:.0f} "
+              "MiB (that includes the ~0.4 GiB of torch/transformers a bare import takes)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": rows}, f, indent=1)
