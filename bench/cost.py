@@ -185,10 +185,16 @@ def report(args, m: dict) -> None:
     old = m["checkpointed"]
     for est in ESTIMATORS:
         wall, cpu = med[est]["cost"]
-        verdict = "within" if cpu / step[1] <= TARGETS[est] else "ABOVE"
+        # the target leaves the small noise-floor check out: its share of the realized phase,
+        # by sequences (it re-forwards a few sequences in another chunking)
+        p = outs[est].passes
+        noise = p.noise_check_forward / (p.forward_no_grad + p.noise_check_forward)
+        cpu_net = cpu - noise * med[est]["realized"][1]
+        verdict = "within" if cpu_net / step[1] <= TARGETS[est] else "ABOVE"
         print(f"probe / training step, {est:16} = {wall / step[0]:.2f} wall, "
-              f"{cpu / step[1]:.2f} CPU  (target ≤ {TARGETS[est]}: {verdict}); against the "
-              f"checkpointed-head step {wall / old[0]:.2f} wall, {cpu / old[1]:.2f} CPU")
+              f"{cpu / step[1]:.2f} CPU, {cpu_net / step[1]:.2f} CPU without the noise-floor "
+              f"check (target ≤ {TARGETS[est]}: {verdict}); against the checkpointed-head "
+              f"step {wall / old[0]:.2f} wall, {cpu / old[1]:.2f} CPU")
 
 
 def main() -> None:
