@@ -39,6 +39,16 @@ class SnisEstimate:
     ess_fraction: float
     psis_k: float | None
     reward: RewardChange | None = None     # the mean reward's change on the same weights
+    influence: torch.Tensor | None = None  # per-sequence linearization of delta_h [B, G]
+    curvature: Curvature | None = None     # delta_h − s·δH₁, paired per unit
+
+
+@dataclass
+class Curvature:
+    """ΔH(s) − s·δH₁ (where first order stops holding) and its SE, paired per unit."""
+
+    value: float
+    se: float | None
 
 
 def entropy_before(s: torch.Tensor) -> tuple[float, float | None]:
@@ -50,7 +60,10 @@ def entropy_before(s: torch.Tensor) -> tuple[float, float | None]:
 
 def _stratified_se(phi: torch.Tensor) -> float | None:
     """SE of mean(phi) for [B, G] values, G i.i.d. draws per fixed prompt:
-    √(Σ_n var_n / (B²·G)) with within-prompt sample variances."""
+    √(Σ_n var_n / (B²·G)) with within-prompt sample variances. With one draw per prompt (a
+    held-out batch, G = 1) the prompts themselves are the i.i.d. draws: one stratum of B."""
+    if phi.shape[1] == 1:
+        phi = phi.reshape(1, -1)
     b, g = phi.shape
     if g < 2:
         return None
@@ -141,4 +154,21 @@ def snis(s: torch.Tensor, s_after: torch.Tensor, normalization: str, psis: bool,
     ess = float(wf.sum() ** 2 / (wf * wf).sum())
     k = psis_k(log_w.reshape(-1)) if psis else None
     reward = None if rewards is None else reward_change(s, s_after, rewards, normalization)
-    return SnisEstimate(h_after, h_after - h_before, se, ess, ess / (b * g), k, reward)
+    return SnisEstimate(h_after, h_after - h_before, se, ess, ess / (b * g), k, reward,
+                        influence=phi + s)
+
+
+def curvature(est: SnisEstimate, multiplier: float, delta_h1) -> Curvature | None:
+    """ΔH(s) − s·δH₁ with an SE from the units' paired influences: per unit u, the mean of its
+    sequences' linearized ΔH minus s times δH₁'s jackknife pseudo-value (for two_batch's plain
+    mean that is d_u itself). Both terms are measured on the same responses, so their shared
+    noise cancels and the SE is small even when each term's is not. Units are treated as i.i.d.
+    draws (prompts from their distribution). Args: delta_h1: the job's DeltaH1."""
+    pseudo = getattr(delta_h1, "pseudo_values", None)
+    value = est.delta_h - multiplier * delta_h1.total
+    if pseudo is None or est.influence is None or pseudo.numel() < 2:
+        return Curvature(value, None)
+    units = pseudo.numel()
+    paired = est.influence.reshape(units, -1).mean(1) - multiplier * pseudo      # [U]
+    se = float(paired.std()) / math.sqrt(units)
+    return Curvature(value, se if math.isfinite(se) else None)

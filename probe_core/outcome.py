@@ -21,6 +21,7 @@ class RealizedOutcome:
     ess_threshold: float
     by_multiplier: list[tuple[float, SnisEstimate]]   # (s, estimate), in request order
     noise_floor: float | None
+    target: str = "batch_in_sample"    # "held_out" in two-batch mode
 
     @property
     def main(self) -> tuple[float, SnisEstimate]:
@@ -38,6 +39,15 @@ class BatchOutcome:
     mean_response_tokens: float
     reward_mean: float
     zero_advantage_prompts: int
+
+
+@dataclass
+class EntropyBatchOutcome:
+    """The held-out E batch of two-batch mode."""
+
+    num_prompts: int
+    responses_per_prompt: int
+    mean_response_tokens: float
 
 
 @dataclass
@@ -78,6 +88,7 @@ class ProbeOutcome:
     grad_method: str
     base_reused: bool
     warnings: list[str] = field(default_factory=list)
+    entropy_batch: EntropyBatchOutcome | None = None
     # for library users and tests (not in the JSON): the flat gradient summaries and the step
     step: AdamWStep | None = None
     x_bar: torch.Tensor | None = None     # [P] float64

@@ -14,6 +14,7 @@ in `passes` and the warnings).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import math
@@ -28,17 +29,20 @@ from probe_core.checkpoint import LoadedCheckpoint, ModelCache, open_checkpoint
 from probe_core.errors import (CheckpointInvalid, DeadlineExceeded, DegenerateBatch,
                                InvalidRequest, ProbeCancelled, ProbeOutOfMemory)
 from probe_core.estimators import (DeltaH1, Estimator, UnitDots, UnitLayout, UnitMeans,
+                                   unconditional_se,
                                    estimator_for, unit_dots)
 from probe_core.gradients import FlatParams, GradientAccumulator
-from probe_core.importance import entropy_before, snis
+from probe_core.held_out import (HeldOutDots, entropy_coefficients, held_out_plan,
+                                 map_held_out_dots)
+from probe_core.importance import curvature, entropy_before, snis
 from probe_core.memory import MemoryTracer
 from probe_core.objective import Coefficients, coefficients
-from probe_core.outcome import (BatchOutcome, OptimizerOutcome, Passes, ProbeOutcome,
+from probe_core.outcome import (BatchOutcome, EntropyBatchOutcome, OptimizerOutcome, Passes, ProbeOutcome,
                                 RealizedOutcome)
 from probe_core.paths import check_destination
 from probe_core.proxy import covariance_proxy
-from probe_core.rollouts import Batch, batch_for
-from probe_core.spec import PHASES, Phase, ProbeSpec, RuntimeOptions
+from probe_core.rollouts import Batch, batch_for, sample
+from probe_core.spec import PHASES, EstimatorSpec, Phase, ProbeSpec, RuntimeOptions
 from probe_core.stages import (GradientShard, keeps_unit_vectors, map_gradients, map_unit_dots,
                                reduce_gradients)
 from probe_core.step import ParameterSwap, save_adapter
@@ -49,6 +53,15 @@ __all__ = ["PHASES", "ProbeHooks", "resolve_device", "run_probe"]
 MIN_GROUP_SIZE = 2          # the leave-one-out baseline and group advantages need two
 MIN_UNITS_FOR_JACKKNIFE = 3
 NOISE_CHECK_SEQUENCES = 8   # sequences recomputed with another chunking for the noise floor
+# Below this many prompts, the single-batch realized ΔH's self-prompt and same-response excess
+# over the fresh-prompt change (both O(1/B)) is large next to the change itself (issue 14).
+SMALL_SINGLE_BATCH = 64
+SMALL_BATCH_WARNING = (
+    "single-batch mode with {b} prompts (< 64): realized.delta_h is measured on the batch's own "
+    "prompts and on the very responses that built Δθ, so it adds each prompt's effect on itself "
+    "and a same-response term (both shrink as 1/B) and overstates the change on fresh prompts "
+    "that delta_h1 targets; pass entropy_batch (held-out prompts) to measure both on the same "
+    "thing")
 
 
 @dataclass
@@ -105,7 +118,8 @@ class _Probe:
                  hooks: ProbeHooks):
         self.spec, self.opts, self.cache, self.hooks = spec, opts, cache, hooks
         self.device = resolve_device(opts.device)
-        self.estimator: Estimator = estimator_for(spec.estimator)
+        self.estimator: Estimator = estimator_for(
+            EstimatorSpec(mode="two_batch") if spec.entropy_batch else spec.estimator)
         self.tracer = MemoryTracer(self.device, enabled=spec.trace_memory)
         self.timing: dict[str, float] = {}
         self.passes = Passes()
@@ -120,7 +134,7 @@ class _Probe:
 
     def _finish(self, phase: Phase) -> None:
         now = time.perf_counter()
-        self.timing[phase] = now - self._t
+        self.timing[phase] = self.timing.get(phase, 0.0) + now - self._t   # phases may recur
         self._t = now
         self.tracer.mark(phase)
 
@@ -180,19 +194,32 @@ class _Probe:
 
     def _run_loaded(self, ck: LoadedCheckpoint) -> ProbeOutcome:
         batch, rewards = self._rollouts(ck)
-        forcer = TeacherForcer(ck.model, batch, self.spec.generation.temperature, self.device,
-                               self._autocast_dtype())
+        held_out_batch = self._held_out_rollouts(ck) if self.spec.entropy_batch else None
+        forcer = self._forcer(ck, batch)
         seqs = self._teacher_forcing(forcer, batch, rewards)
         acc = GradientAccumulator(forcer, ck.model, FlatParams.of([p for _, p in ck.params]),
                                   self.opts.grad_method)
         shard = self._gradients(acc, seqs)
         result = self._step(ck, acc, seqs, shard)
+        measured, measured_forcer = seqs, forcer       # where entropy and ΔH are measured
+        if held_out_batch is not None:
+            measured_forcer = self._forcer(ck, held_out_batch)
+            measured, result = self._held_out(ck, measured_forcer, held_out_batch, shard,
+                                              result)
+        elif seqs.batch.num_prompts < SMALL_SINGLE_BATCH:
+            self.warnings.append(SMALL_BATCH_WARNING.format(b=seqs.batch.num_prompts))
         realized = None
         if self.spec.realized.enabled:
             self._enter("realized")
-            realized = self._realized(forcer, seqs, ParameterSwap(acc.flat), result.step)
+            realized = self._realized(measured_forcer, measured, ParameterSwap(acc.flat),
+                                      result)
             self._finish("realized")
-        return self._outcome(ck, seqs, shard, result, realized, acc.method)
+        return self._outcome(ck, seqs, shard, result, realized, acc.method,
+                             measured if held_out_batch is not None else None)
+
+    def _forcer(self, ck: LoadedCheckpoint, batch: Batch) -> TeacherForcer:
+        return TeacherForcer(ck.model, batch, self.spec.generation.temperature, self.device,
+                             self._autocast_dtype())
 
     # -- phases ------------------------------------------------------------------------------
     def _rollouts(self, ck: LoadedCheckpoint) -> tuple[Batch, torch.Tensor]:
@@ -204,6 +231,53 @@ class _Probe:
                                   "baseline and group advantages need two)", phase="rollouts")
         self._finish("rollouts")
         return batch, rewards
+
+    def _held_out_rollouts(self, ck: LoadedCheckpoint) -> Batch:
+        """The E batch, sampled from the checkpoint's policy (phase rollouts)."""
+        self._enter("rollouts")
+        batch = sample(ck.model, ck.tokenizer, held_out_plan(self.spec), self.device,
+                       on_chunk=self._tick)
+        self.estimator.layout(batch.num_prompts, batch.group_size)   # refuses < 2 E prompts
+        self._finish("rollouts")
+        return batch
+
+    def _held_out(self, ck: LoadedCheckpoint, forcer: TeacherForcer, batch: Batch,
+                  u_shard: GradientShard, result: _StepResult
+                  ) -> tuple[_Sequences, _StepResult]:
+        """Two-batch mode: S of the E sequences, then their X_u dotted with the U step, δH₁
+        and its SEs from the E units (phases teacher_forcing and gradients again)."""
+        layout = self.estimator.layout(batch.num_prompts, batch.group_size)
+        self._enter("teacher_forcing")
+        chunks = [c for u in layout.chunks(self.spec.microbatch_size) for c in u]
+        s = all_logprobs(forcer, chunks, on_chunk=self._tick)                    # [N_E]
+        self.passes.forward_no_grad += batch.num_sequences
+        coefs = entropy_coefficients(s, batch.group_size)
+        self._finish("teacher_forcing")
+        self._enter("gradients")
+        acc = GradientAccumulator(forcer, ck.model, FlatParams.of([p for _, p in ck.params]),
+                                  self.opts.grad_method)
+        e = map_held_out_dots(acc, layout, self.spec.microbatch_size, coefs, result.step,
+                              result.means, on_chunk=self._counter(len(chunks)))
+        self._count_gradient_passes(e.forward_grad, e.backward)
+        estimate = self.estimator.delta_h1(e.dots, result.step.kappa)
+        check_finite(estimate, result.state)
+        estimate.se_unconditional = unconditional_se(
+            estimate.se, result.step.kappa, self._u_spread(u_shard, e, result))
+        self._finish("gradients")
+        measured = _Sequences(batch=batch, rewards=None, layout=layout, s=s, coefs=coefs)
+        return measured, dataclasses.replace(result, estimate=estimate)
+
+    def _u_spread(self, u_shard: GradientShard, e: HeldOutDots, result: _StepResult
+                  ) -> torch.Tensor | None:
+        """X̄_E·(W⊙Y_w) for each U unit w (the U batch's spread of the gradient term)."""
+        if u_shard.unit_y is None:
+            self.warnings.append("the U batch's unit vectors exceeded the host budget: "
+                                 "delta_h1.se_unconditional is null")
+            return None
+        x_bar_e = e.x_sum / e.dots.momentum.numel()
+        means = UnitMeans(x_bar=x_bar_e, y_bar=result.means.y_bar)
+        dots = unit_dots(u_shard.unit_y, u_shard.unit_y, result.step, means)
+        return dots.step_weighted.xbar_y
 
     def _autocast_dtype(self) -> torch.dtype | None:
         if self.device.type == "cuda" and self.opts.autocast_dtype in ("auto", "bfloat16"):
@@ -246,12 +320,14 @@ class _Probe:
         state = AdamWState.from_states(ck.states, self.spec.lr_override)
         means = reduce_gradients([shard])
         step = adamw_step(state, means.y_bar, swap.theta(), self.spec.max_grad_norm)
-        if shard.unit_x is not None:
-            dots = map_unit_dots(shard, step, means)
-        else:
-            dots = self._recomputed_dots(acc, seqs, step, means)
-        estimate = self.estimator.delta_h1(dots, step.kappa)
-        check_finite(estimate, state)
+        estimate = None        # two-batch mode: from the E batch, once the step is known
+        if self.spec.entropy_batch is None:
+            if shard.unit_x is not None:
+                dots = map_unit_dots(shard, step, means)
+            else:
+                dots = self._recomputed_dots(acc, seqs, step, means)
+            estimate = self.estimator.delta_h1(dots, step.kappa)
+            check_finite(estimate, state)
         self._warn_degenerate(seqs.coefs.advantages, state, seqs.layout.num_units)
         updated = None
         if self.save_to is not None:   # the real step, s = 1, whatever the multipliers are
@@ -288,9 +364,10 @@ class _Probe:
             self.warnings.append("fewer than 3 units: the jackknife SE is undefined (null)")
 
     def _realized(self, forcer: TeacherForcer, seqs: _Sequences, swap: ParameterSwap,
-                  step: AdamWStep) -> RealizedOutcome:
-        """Phase 4: S⁺ at θ + sΔθ on the same sequences for each multiplier, then SNIS."""
-        spec = self.spec.realized
+                  result: _StepResult) -> RealizedOutcome:
+        """Phase 4: S⁺ at θ + sΔθ on the measured sequences (the batch's own, or the E batch's)
+        for each multiplier, then SNIS and the curvature ΔH(s) − s·δH₁ paired per unit."""
+        spec, step = self.spec.realized, result.step
         chunks = [c for u in seqs.layout.chunks(self.spec.microbatch_size) for c in u]
         b, g = seqs.batch.num_prompts, seqs.batch.group_size
         s = seqs.s
@@ -302,14 +379,18 @@ class _Probe:
                 s_after = all_logprobs(forcer, chunks, on_chunk=lambda *_: on_chunk())
                 self.passes.forward_no_grad += s.numel()
                 swap.restore()
-                rows.append((mult, snis(s.view(b, g), s_after.view(b, g), spec.normalization,
-                                        spec.psis, seqs.rewards)))
+                est = snis(s.view(b, g), s_after.view(b, g), spec.normalization, spec.psis,
+                           seqs.rewards)
+                est.curvature = curvature(est, mult, result.estimate)
+                rows.append((mult, est))
         finally:
             swap.restore()
         h0, h0_se = entropy_before(s.view(b, g))
         return RealizedOutcome(h_before=h0, h_before_se=h0_se, normalization=spec.normalization,
                                ess_threshold=spec.ess_threshold, by_multiplier=rows,
-                               noise_floor=self._noise_floor(forcer, s))
+                               noise_floor=self._noise_floor(forcer, s),
+                               target="held_out" if self.spec.entropy_batch
+                               else "batch_in_sample")
 
     def _noise_floor(self, forcer: TeacherForcer, s: torch.Tensor) -> float:
         """max |S − S'| over a few sequences recomputed with another chunking."""
@@ -320,8 +401,8 @@ class _Probe:
         return float((alt - s[:n]).abs().max())
 
     def _outcome(self, ck: LoadedCheckpoint, seqs: _Sequences, shard: GradientShard,
-                 result: _StepResult, realized: RealizedOutcome | None, grad_method: str
-                 ) -> ProbeOutcome:
+                 result: _StepResult, realized: RealizedOutcome | None, grad_method: str,
+                 held_out: _Sequences | None) -> ProbeOutcome:
         batch, adv, step = seqs.batch, seqs.coefs.advantages, result.step
         b, g = batch.num_prompts, batch.group_size
         first = ck.states[0]
@@ -338,7 +419,12 @@ class _Probe:
         for phase in PHASES:
             self.timing.setdefault(phase, 0.0)
         return ProbeOutcome(
-            delta_h1=result.estimate, mode=self.estimator.mode, units=seqs.layout.num_units,
+            delta_h1=result.estimate, mode=self.estimator.mode,
+            units=(held_out or seqs).layout.num_units,
+            entropy_batch=None if held_out is None else EntropyBatchOutcome(
+                num_prompts=held_out.batch.num_prompts,
+                responses_per_prompt=held_out.batch.group_size,
+                mean_response_tokens=float(held_out.batch.lengths.double().mean())),
             realized=realized, batch=summary, proxy=covariance_proxy(seqs.s.view(b, g), adv),
             proxy_lr=lr, optimizer=optimizer, passes=self.passes, timing=self.timing,
             memory=self.tracer, device=str(self.device), updated_adapter=result.updated_adapter,

@@ -58,6 +58,17 @@ class EstimatorSpec:
 
 
 @dataclass
+class EntropyBatchSpec:
+    """Two-batch mode (issue 14): held-out E prompts whose entropy, δH₁ and realized ΔH are
+    measured under the step the main (U) batch takes. G_E responses each are sampled from the
+    checkpoint's policy with the request's generation settings."""
+
+    prompts: list[str]
+    responses_per_prompt: int = 1
+    num_prompts: int | None = None
+
+
+@dataclass
 class RealizedSpec:
     enabled: bool = True
     normalization: RealizedNormalization = "global"
@@ -87,6 +98,7 @@ class ProbeSpec:
     host_budget_bytes: int = DEFAULT_HOST_BUDGET_BYTES
     seed: int = 0
     save_updated_adapter_to: str | None = None
+    entropy_batch: EntropyBatchSpec | None = None
 
 
 @dataclass

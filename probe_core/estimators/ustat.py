@@ -178,7 +178,10 @@ class DeltaH1:
     Fields: total (= the three terms' sum), se (jackknife SE of total, None when U < 3),
     gradient_term, momentum_term, weight_decay_term; u_statistic: the U-statistic with W = D
     (reported as `u_statistic`; None for estimators without one); per_unit: each unit's
-    contribution [U] float64 (their mean is total), for the per-prompt view.
+    contribution [U] float64 (their mean is total), for the per-prompt view; target: what
+    total estimates ("fresh_prompts": the change on prompts drawn like the batch's, by the
+    U-statistic; "held_out": on the E batch's prompts, two_batch); se_unconditional (two_batch):
+    se plus the U batch's sampling spread of Δθ.
     """
 
     total: float
@@ -188,6 +191,9 @@ class DeltaH1:
     weight_decay_term: float
     u_statistic: UStat | None
     per_unit: torch.Tensor | None = None
+    target: str = "fresh_prompts"
+    se_unconditional: float | None = None
+    pseudo_values: torch.Tensor | None = None    # jackknife pseudo-values of total [U]
 
 
 def cross_unit_delta_h1(dots: UnitDots, kappa: float) -> DeltaH1:
@@ -199,12 +205,14 @@ def cross_unit_delta_h1(dots: UnitDots, kappa: float) -> DeltaH1:
     weight_decay_term = float(dots.decay.mean())
     total = gradient_term + momentum_term + weight_decay_term
     linear = dots.momentum + dots.decay                                   # [U]
-    se = None
+    se = pseudo = None
     u = linear.numel()
     if u_grad.leave_one_out is not None:
         # the linear terms' delete-one means: (U·mean − x_u)/(U−1)
         loo_lin = (u * linear.mean() - linear) / (u - 1)
-        se = jackknife_se(-kappa * u_grad.leave_one_out + loo_lin)
+        loo_total = -kappa * u_grad.leave_one_out + loo_lin                # [U]
+        se = jackknife_se(loo_total)
+        pseudo = u * total - (u - 1) * loo_total
     return DeltaH1(total=total, se=se, gradient_term=gradient_term, momentum_term=momentum_term,
                    weight_decay_term=weight_decay_term, u_statistic=reported,
-                   per_unit=-kappa * u_grad.rows + linear)
+                   per_unit=-kappa * u_grad.rows + linear, pseudo_values=pseudo)
