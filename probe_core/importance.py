@@ -164,11 +164,12 @@ def curvature(est: SnisEstimate, multiplier: float, delta_h1) -> Curvature | Non
     mean that is d_u itself). Both terms are measured on the same responses, so their shared
     noise cancels and the SE is small even when each term's is not. Units are treated as i.i.d.
     draws (prompts from their distribution). Args: delta_h1: the job's DeltaH1."""
-    pseudo = getattr(delta_h1, "pseudo_values", None)
     value = est.delta_h - multiplier * delta_h1.total
-    if pseudo is None or est.influence is None or pseudo.numel() < 2:
+    loo = delta_h1.leave_one_out
+    if loo is None or est.influence is None:
         return Curvature(value, None)
-    units = pseudo.numel()
+    units = loo.numel()
+    pseudo = units * delta_h1.total - (units - 1) * loo                          # [U]
     paired = est.influence.reshape(units, -1).mean(1) - multiplier * pseudo      # [U]
     se = float(paired.std()) / math.sqrt(units)
     return Curvature(value, se if math.isfinite(se) else None)

@@ -13,7 +13,7 @@ Figure = dict[str, Any]      # plotly.js figure JSON: {"data": [...traces], "lay
 class JobRow(BaseModel):
     id: str
     status: str
-    phase: str | None = Field(None, description="Progress phase of an unfinished job.")
+    progress: str | None = Field(None, description="A running job's phase and chunk count.")
     run: str = Field(description="The folder holding the checkpoint (a Trainer's output_dir).")
     checkpoint: str | None = Field(None, description="The adapter (or base model) probed.")
     step: int | None = Field(None, description="result.checkpoint_step")

@@ -150,3 +150,36 @@ def adamw_delta(params, state_dict: dict, loss: torch.Tensor,
         for p, b in zip(params, before):
             p.copy_(b)
     return delta
+
+
+def enumerated_gradients(model, named_params, prompts: list[list[int]], vocab: int, eos: int,
+                         max_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """S and ∇S of every response of every prompt, by torch.func (vmap of grad over the
+    responses of one prompt, padded after their end; the model is causal, so padding cannot
+    reach earlier logits). Returns S [K, R] float64 and ∇S [K, R, P] float32, P in
+    named_params order."""
+    from torch.func import functional_call, grad, vmap
+
+    responses = all_responses(vocab, eos, max_new)
+    values = {n: p.detach() for n, p in named_params}
+    s_all, g_all = [], []
+    for prompt in prompts:
+        width = len(prompt) + max_new
+        ids = torch.full((len(responses), width), eos, dtype=torch.long)
+        mask = torch.zeros(len(responses), max_new)
+        for i, r in enumerate(responses):
+            ids[i, :len(prompt)] = torch.tensor(prompt)
+            ids[i, len(prompt):len(prompt) + len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+
+        def logprob(params, x, m, start=len(prompt)):
+            logits = functional_call(model, params, (x[None],)).logits[0, start - 1:-1]
+            lp = torch.log_softmax(logits.float(), -1).gather(1, x[start:, None])[:, 0]
+            return (lp * m).sum()
+
+        grads = vmap(grad(logprob), in_dims=(None, 0, 0))(values, ids, mask)
+        with torch.no_grad():
+            s_all.append(vmap(logprob, in_dims=(None, 0, 0))(values, ids, mask).double())
+        g_all.append(torch.cat([grads[n].reshape(len(responses), -1) for n, _ in named_params],
+                               1))
+    return torch.stack(s_all), torch.stack(g_all)

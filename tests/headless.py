@@ -43,14 +43,17 @@ class Tab:
 
 @pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium for the module; skipped where none is installed (outside CI)."""
+    """One headless Chromium for the module; skipped where none is installed, except in CI."""
     path = chromium_path()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("no chromium: .ci/run installs Debian's chromium with apt-get")
-        pytest.skip("no chromium on PATH (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    missing = ("no chromium on PATH (.ci/run installs Debian's with apt-get)" if path is None
+               else "no playwright (the test extra)" if sync_playwright is None else None)
+    if missing:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(missing)
+    with sync_playwright() as p:
         # playwright adds --headless and a fresh temporary --user-data-dir itself
         b = p.chromium.launch(executable_path=path, args=CHROMIUM_FLAGS)
         try:

@@ -189,3 +189,53 @@ def test_docs_and_redoc_render_without_a_cdn(browser, module_server):
     wait_until(tab.page, "document.body.innerText.includes('/probes/{job_id}')")
     _screenshot(tab, "redoc.png", full_page=False)
     _assert_nothing_left_the_machine(tab)
+
+
+def test_figures_of_a_cuda_trace_and_missing_statistics_are_valid_json(module_server, jobs,
+                                                                        tmp_path):
+    """The device-memory path (no GPU here: a real result given a CUDA-shaped trace) and
+    statistics that are null (PSIS off, SE undefined) still give strict JSON figures."""
+    from schemas.result import TracePoint
+    from service.pictures import dashboard, figures
+    from service.pictures.views import JobView
+
+    with module_server.client() as client:
+        result = client.get(next(iter(jobs))).result
+    mib = 2**20
+    trace = [TracePoint(phase=p, t=t, device_allocated_bytes=a * mib,
+                        device_peak_bytes=k * mib, device_reserved_bytes=2 * k * mib,
+                        host_rss_bytes=900 * mib)
+             for p, t, a, k in (("load", 1.0, 500, 510), ("gradients", 2.5, 520, 900),
+                                ("realized", 3.0, 505, 700))]
+    rows = [r.model_copy(update={"psis_k": None, "se": None})
+            for r in result.realized.by_lr_multiplier]
+    odd = result.model_copy(update={
+        "memory": result.memory.model_copy(update={"trace": trace, "peak_device_bytes":
+                                                   900 * mib}),
+        "realized": result.realized.model_copy(update={"by_lr_multiplier": rows}),
+        "delta_h1": result.delta_h1.model_copy(update={"se": None})})
+    view = JobView(id="cuda-like", status="succeeded", result=odd)
+    board = dashboard.build([view], detail="*")
+    json.dumps(board.model_dump(mode="json"), allow_nan=False)
+    memory = figures.memory_figure(view)
+    dashed = [t for t in memory["data"] if t.get("line", {}).get("dash") == "dash"]
+    assert [t["y"] for t in dashed] == [[510, 510], [900, 900], [700, 700]]
+    assert "peak device 900 MiB" in memory["layout"]["annotations"][0]["text"]
+
+    # an out-of-memory failure keeps its trace: the memory plot shows where it grew
+    from schemas import ProbeJob
+    failed = ProbeJob.model_validate({
+        "id": "oom", "status": "failed", "created_at": "2026-01-01T00:00:00Z",
+        "error": {"code": "out_of_memory", "message": "CUDA out of memory", "phase": "gradients",
+                  "memory_trace": [t.model_dump() for t in trace[:2]]}})
+    board = dashboard.build([JobView.from_job(failed), view], detail="oom")
+    plots = board.details["oom"]
+    assert plots.lr_curve is None and "up to the failure" in plots.memory["layout"]["title"]["text"]
+    assert "peak device 900 MiB" in plots.memory["layout"]["annotations"][0]["text"]
+    assert board.jobs[0].error.startswith("[out_of_memory] CUDA out of memory (gradients)")
+
+    bad = tmp_path / "not-a-result.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match="delta_h1"):
+        JobView.from_file(bad)
+    assert cli(["report", "--output", str(tmp_path / "none.html")]) == 1

@@ -174,6 +174,7 @@ def test_probe_checkpoint_folder_over_http(run, server):
     sd = _optimizer(ckpt1)
     assert res.optimizer.lr == pytest.approx(sd["param_groups"][0]["lr"], rel=1e-12)
     assert res.optimizer.step == 1
+    assert res.checkpoint_step == 1                  # the Trainer's trainer_state.json
     assert res.optimizer.weight_decay == 0.01
     assert math.isfinite(res.delta_h1.total) and res.delta_h1.total != 0.0
 
@@ -181,6 +182,7 @@ def test_probe_checkpoint_folder_over_http(run, server):
     assert _optimizer(last)["param_groups"][0]["lr"] == 0.0
     res = client.wait(client.submit({**body, "checkpoint": {"adapter": last}}), timeout=120)
     assert res.optimizer.lr == 0.0
+    assert res.checkpoint_step == MAX_STEPS
     d = res.delta_h1
     assert (d.total, d.gradient_term, d.momentum_term, d.weight_decay_term) == (0, 0, 0, 0)
     assert res.realized.delta_h == 0.0

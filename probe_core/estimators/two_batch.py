@@ -49,7 +49,8 @@ class TwoBatchEstimator:
                        gradient_term=float(gradient.mean()),
                        momentum_term=float(dots.momentum.mean()),
                        weight_decay_term=float(dots.decay.mean()), u_statistic=None,
-                       per_unit=per_unit, target="held_out", pseudo_values=per_unit)
+                       per_unit=per_unit, target="held_out",
+                       leave_one_out=(u * per_unit.mean() - per_unit) / (u - 1))
 
 
 def unconditional_se(conditional_se: float | None, kappa: float,

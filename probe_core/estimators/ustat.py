@@ -181,7 +181,9 @@ class DeltaH1:
     contribution [U] float64 (their mean is total), for the per-prompt view; target: what
     total estimates ("fresh_prompts": the change on prompts drawn like the batch's, by the
     U-statistic; "held_out": on the E batch's prompts, two_batch); se_unconditional (two_batch):
-    se plus the U batch's sampling spread of Δθ.
+    se plus the U batch's sampling spread of Δθ; leave_one_out: the delete-one totals [U] whose
+    jackknife spread is se (None when U < 3), for ratios of two estimates on the same units
+    (reward_side.exchange_rate) and paired differences (importance.curvature).
     """
 
     total: float
@@ -193,7 +195,7 @@ class DeltaH1:
     per_unit: torch.Tensor | None = None
     target: str = "fresh_prompts"
     se_unconditional: float | None = None
-    pseudo_values: torch.Tensor | None = None    # jackknife pseudo-values of total [U]
+    leave_one_out: torch.Tensor | None = None
 
 
 def cross_unit_delta_h1(dots: UnitDots, kappa: float) -> DeltaH1:
@@ -205,14 +207,13 @@ def cross_unit_delta_h1(dots: UnitDots, kappa: float) -> DeltaH1:
     weight_decay_term = float(dots.decay.mean())
     total = gradient_term + momentum_term + weight_decay_term
     linear = dots.momentum + dots.decay                                   # [U]
-    se = pseudo = None
+    se = loo = None
     u = linear.numel()
     if u_grad.leave_one_out is not None:
         # the linear terms' delete-one means: (U·mean − x_u)/(U−1)
         loo_lin = (u * linear.mean() - linear) / (u - 1)
-        loo_total = -kappa * u_grad.leave_one_out + loo_lin                # [U]
-        se = jackknife_se(loo_total)
-        pseudo = u * total - (u - 1) * loo_total
+        loo = -kappa * u_grad.leave_one_out + loo_lin                     # [U]
+        se = jackknife_se(loo)
     return DeltaH1(total=total, se=se, gradient_term=gradient_term, momentum_term=momentum_term,
                    weight_decay_term=weight_decay_term, u_statistic=reported,
-                   per_unit=-kappa * u_grad.rows + linear, pseudo_values=pseudo)
+                   per_unit=-kappa * u_grad.rows + linear, leave_one_out=loo)

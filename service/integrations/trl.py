@@ -35,6 +35,13 @@ RequestSource = Union[RequestBody, Callable[[int], RequestBody]]
 
 PREFIX = "entropy_probe/"
 
+# TRL's loss_type → the probe's length norm (README, "TRL and verl losses as probe objectives")
+LENGTH_NORMS = {"dapo": "token_mean", "bnpo": "token_mean", "grpo": "per_sequence",
+                "dr_grpo": "constant"}
+ADVANTAGES = {"group": "standardized", "batch": "batch_standardized", "none": "mean_centered",
+              True: "standardized", False: "mean_centered"}
+TRL_STD_EPS = 1e-4            # grpo_trainer: advantages / (std_rewards + 1e-4)
+
 
 @dataclass
 class _Done:
@@ -70,12 +77,17 @@ class EntropyProbeCallback(TrainerCallback):
         probe_timeout: seconds to wait for one probe before giving up on it.
         wait_at_end: in on_train_end, wait up to end_timeout seconds for outstanding probes and
             log their results (as one more log entry per result).
+        match_trainer: fill the request's objective (from loss_type and scale_rewards),
+            generation temperature and max_new_tokens (max_completion_length) and
+            optimizer_overrides.max_grad_norm from the trainer's args, so the probed step is
+            the trainer's; what the request sets itself wins.
     """
 
     def __init__(self, base_url: str, request: RequestSource, *, base_model: str | None = None,
                  token: str | None = None, every_n_saves: int = 1,
                  map_path: Callable[[str], str] | None = None, probe_timeout: float = 3600.0,
-                 wait_at_end: bool = False, end_timeout: float = 600.0, poll: float = 0.5):
+                 wait_at_end: bool = False, end_timeout: float = 600.0, poll: float = 0.5,
+                 match_trainer: bool = True):
         if not callable(request):
             _body(request, "checkpoint-0", base_model)   # a bad template fails here, not later
         self.base_url, self.request, self.base_model, self.token = (base_url, request,
@@ -84,6 +96,7 @@ class EntropyProbeCallback(TrainerCallback):
         self.map_path = map_path or (lambda p: p)
         self.probe_timeout, self.poll = probe_timeout, poll
         self.wait_at_end, self.end_timeout = wait_at_end, end_timeout
+        self.match_trainer = match_trainer
         self._run_id = uuid.uuid4().hex[:12]
         self._saves = 0
         self._todo: queue.Queue[tuple[int, dict] | None] = queue.Queue()
@@ -119,7 +132,8 @@ class EntropyProbeCallback(TrainerCallback):
             return
         try:
             template = self.request(state.global_step) if callable(self.request) else self.request
-            body = _body(template, self.map_path(os.path.abspath(ckpt)), self.base_model)
+            body = _body(template, self.map_path(os.path.abspath(ckpt)), self.base_model,
+                         trainer_fields(args) if self.match_trainer else None)
         except Exception as exc:  # a user callable or template error must not stop training
             log.warning("entropy-probe: could not build the request for step %d: %s",
                         state.global_step, exc)
@@ -190,9 +204,43 @@ class EntropyProbeCallback(TrainerCallback):
                     self._outstanding -= 1
 
 
-def _body(template: RequestBody, adapter: str, base_model: str | None) -> dict:
-    """The request for one checkpoint: the template with `checkpoint` set (validated)."""
-    body = template.model_dump() if isinstance(template, ProbeRequest) else dict(template)
+def trainer_fields(args) -> dict:
+    """The request sections that make the probed step the trainer's own: the objective of its
+    loss_type and scale_rewards, its sampling temperature and completion length, its gradient
+    clipping. Arguments it does not have (a plain Trainer) or loss types the probe does not
+    reproduce are left out (logged)."""
+    objective, generation, overrides = {}, {}, {}
+    loss_type = getattr(args, "loss_type", None)
+    if loss_type in LENGTH_NORMS:
+        objective["length_norm"] = LENGTH_NORMS[loss_type]
+        if loss_type == "dr_grpo":
+            objective["length_norm_constant"] = float(args.max_completion_length)
+    elif loss_type is not None:
+        log.warning("entropy-probe: loss_type=%r has no probe objective (its per-token weights "
+                    "differ); the request's objective is used as it is", loss_type)
+    scale = getattr(args, "scale_rewards", None)
+    if scale in ADVANTAGES:
+        objective["advantage"] = ADVANTAGES[scale]
+        if ADVANTAGES[scale] != "mean_centered":
+            objective["advantage_eps"] = TRL_STD_EPS
+    if getattr(args, "temperature", None) is not None:
+        generation["temperature"] = float(args.temperature)
+    if getattr(args, "max_completion_length", None):
+        generation["max_new_tokens"] = int(args.max_completion_length)
+    if getattr(args, "max_grad_norm", None):          # 0 or None: the Trainer does not clip
+        overrides["max_grad_norm"] = float(args.max_grad_norm)
+    fields = {"objective": objective, "generation": generation, "optimizer_overrides": overrides}
+    return {k: v for k, v in fields.items() if v}
+
+
+def _body(template: RequestBody, adapter: str, base_model: str | None,
+          trainer: dict | None = None) -> dict:
+    """The request for one checkpoint: the template with `checkpoint` set (validated). The
+    `trainer` sections (trainer_fields) fill what the template does not set itself."""
+    body = (template.model_dump(exclude_unset=True) if isinstance(template, ProbeRequest)
+            else dict(template))
+    for section, values in (trainer or {}).items():
+        body[section] = {**values, **(body.get(section) or {})}
     ckpt = dict(body.get("checkpoint") or {})
     ckpt.update(adapter=adapter, optimizer=None)
     if base_model is not None:

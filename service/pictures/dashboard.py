@@ -11,7 +11,7 @@ UNFINISHED = {"queued", "running", "cancelling"}
 
 def row(job: JobView) -> JobRow:
     r = job.result
-    out = JobRow(id=job.id, status=job.status, phase=job.phase, run=job.run,
+    out = JobRow(id=job.id, status=job.status, progress=job.progress, run=job.run,
                  checkpoint=job.adapter, duration_s=job.duration_s, error=job.error)
     if r is None:
         return out
@@ -31,15 +31,17 @@ def job_plots(job: JobView) -> JobPlots:
 def build(jobs: list[JobView], detail: str | None = None, title: str = "entropy-probe"
           ) -> Dashboard:
     """The dashboard of `jobs` (newest first). `detail`: the id whose per-job plots to include
-    (default: the newest job with a result), or "*" for every job with a result."""
+    (default: the newest job with a result), or "*" for every job with a result or a failure's
+    memory trace."""
     done = [j for j in jobs if j.result is not None]
+    drawable = [j for j in jobs if j.result is not None or j.memory_trace]
     runs: dict[str, list[JobView]] = {}
     for job in done:
         runs.setdefault(job.run, []).append(job)
     if detail == "*":
-        picked = done
+        picked = drawable
     else:
-        picked = [j for j in done if j.id == detail] or done[:1]
+        picked = [j for j in drawable if j.id == detail] or done[:1]
     return Dashboard(
         jobs=[row(j) for j in jobs],
         runs=[RunPlot(run=name, figure=figures.run_figure(name, members))

@@ -9,6 +9,8 @@ Figures carry no template: the page applies one (TEMPLATE) to all of them.
 
 from __future__ import annotations
 
+import html
+
 import plotly.graph_objects as go
 import plotly.io as pio
 
@@ -51,6 +53,12 @@ def entropy_unit(result: ProbeResult) -> str:
     return "nats per token" if per_token else "nats per response"
 
 
+def _plain(text: str) -> str:
+    """Text for a plotly label: plotly reads <b>, <a href> and entities in labels, and ids and
+    paths come from users."""
+    return html.escape(text, quote=False)
+
+
 def short_path(path: str, keep: int = 2) -> str:
     """The last `keep` components of a path ("…/output/run-3"): titles stay one line."""
     parts = [p for p in path.split("/") if p]
@@ -70,28 +78,32 @@ def run_figure(run: str, jobs: list[JobView]) -> dict:
         done.sort(key=lambda j: (j.created_at is None, j.created_at or 0, j.id))
         xs = list(range(1, len(done) + 1))
         x_title = "job, oldest first (no checkpoint-N folder, so no step)"
-    ids = [j.id for j in done]
-    fig = go.Figure(layout=_layout(f"δH₁ vs realized ΔH · run {short_path(run)}", x_title,
-                                   f"ΔH per step ({entropy_unit(done[0].result)})"
-                                   if done else "ΔH per step", scattermode="group",
+    ids = [j.id for j in done]               # customdata: a click selects the job
+    labels = [_plain(i) for i in ids]
+    # lines join one job per step; several jobs at one step (seeds, batches) stand as points
+    mode = "lines+markers" if len(set(xs)) == len(xs) else "markers"
+    title = f"δH₁ vs realized ΔH · run {_plain(short_path(run))}"
+    y_title = f"ΔH per step ({entropy_unit(done[0].result)})" if done else "ΔH per step"
+    fig = go.Figure(layout=_layout(title, x_title, y_title, scattermode="group",
                                    scattergap=0.8))
     fig.add_scatter(
-        x=xs, y=[j.result.delta_h1.total for j in done], customdata=ids,
+        x=xs, y=[j.result.delta_h1.total for j in done], customdata=ids, text=labels,
         error_y=_errors([j.result.delta_h1.se for j in done]), name="δH₁ predicted ± 1 SE",
-        mode="lines+markers", marker={"color": PREDICTED, "size": 9},
+        mode=mode, marker={"color": PREDICTED, "size": 9},
         line={"color": PREDICTED, "dash": "dot"},
-        hovertemplate="%{customdata}<br>step %{x}<br>δH₁ %{y:.3e}<extra></extra>")
+        hovertemplate="%{text}<br>step %{x}<br>δH₁ %{y:.3e}<extra></extra>")
     realized = [j for j in done if j.result.realized is not None]
     fig.add_scatter(
         x=[x for x, j in zip(xs, done) if j.result.realized is not None],
         y=[j.result.realized.delta_h for j in realized], customdata=[j.id for j in realized],
+        text=[_plain(j.id) for j in realized],
         error_y=_errors([j.result.realized.se for j in realized]),
-        name="ΔH realized (SNIS) ± 1 SE", mode="lines+markers",
+        name="ΔH realized (SNIS) ± 1 SE", mode=mode,
         marker={"color": REALIZED, "size": 9, "symbol": "diamond"},
         line={"color": REALIZED, "dash": "dot"},
-        hovertemplate="%{customdata}<br>step %{x}<br>ΔH %{y:.3e}<extra></extra>")
+        hovertemplate="%{text}<br>step %{x}<br>ΔH %{y:.3e}<extra></extra>")
     if not by_step:
-        fig.update_xaxes(tickmode="array", tickvals=xs, ticktext=ids)
+        fig.update_xaxes(tickmode="array", tickvals=xs, ticktext=labels)
     elif len(set(xs)) <= MAX_STEP_TICKS:
         fig.update_xaxes(tickmode="array", tickvals=sorted(set(xs)))
     return _json(fig)
@@ -110,9 +122,10 @@ def lr_curve_figure(job: JobView) -> dict | None:
     rows = sorted(r.realized.by_lr_multiplier, key=lambda row: row.lr_multiplier)
     d, se = r.delta_h1.total, r.delta_h1.se or 0.0
     s_line = sorted({0.0, *(row.lr_multiplier for row in rows)})
-    fig = go.Figure(layout=_layout(f"First order along the step · {job.id}", "lr multiplier s "
-                                   f"(s = 1: the real step, lr {r.optimizer.lr:.2e})",
-                                   f"ΔH ({entropy_unit(r)})"))
+    fig = go.Figure(layout=_layout(
+        f"First order along the step · {_plain(job.id)}",
+        f"lr multiplier s (s = 1: the real step, lr {r.optimizer.lr:.2e})",
+        f"ΔH ({entropy_unit(r)})"))
     fig.add_scatter(x=s_line, y=[s * (d + se) for s in s_line], mode="lines", hoverinfo="skip",
                     line={"width": 0}, showlegend=False)
     fig.add_scatter(x=s_line, y=[s * (d - se) for s in s_line], mode="lines", hoverinfo="skip",
@@ -141,14 +154,15 @@ def phase_colour(phase: str, seen: dict[str, str]) -> str:
 
 def memory_figure(job: JobView) -> dict | None:
     """Host RSS (solid) and, on CUDA, the device peak within each phase (dashed), over the
-    probe's time; each phase is drawn in its colour over the time it took."""
-    r = job.result
-    if r is None or not r.memory.trace:
+    probe's time; each phase is drawn in its colour over the time it took. A failed job's
+    trace (out of memory, deadline) ends at the phase it failed in."""
+    trace = job.memory_trace
+    if not trace:
         return None
-    trace = r.memory.trace
-    y_title = "host RSS, MiB" + (" (dashed: device peak)" if r.memory.peak_device_bytes
-                                 is not None else "")
-    fig = go.Figure(layout=_layout(f"Memory by phase · {job.id}",
+    y_title = "host RSS, MiB" + (" (dashed: device peak)" if any(
+        p.device_peak_bytes is not None for p in trace) else "")
+    title = "Memory by phase" + (" up to the failure" if job.result is None else "")
+    fig = go.Figure(layout=_layout(f"{title} · {_plain(job.id)}",
                                    "time since the probe started (s)", y_title,
                                    legend_title_text="phase"))
     spare: dict[str, str] = {}
@@ -173,9 +187,18 @@ def memory_figure(job: JobView) -> dict | None:
                 showlegend=False, line={"color": colour, "width": 2, "dash": "dash"},
                 hovertemplate=f"{point.phase}<br>device peak %{{y:.0f}} MiB<extra></extra>")
         start_t, start_rss = point.t, rss
-    peak_note = f"peak host RSS {r.memory.peak_host_rss_bytes / MIB:.0f} MiB"
-    if r.memory.peak_device_bytes is not None:
-        peak_note += f" · peak device {r.memory.peak_device_bytes / MIB:.0f} MiB"
-    fig.add_annotation(text=peak_note, xref="paper", yref="paper", x=0, y=1.0, yanchor="bottom",
-                       showarrow=False, font={"size": 12, "color": "#555"})
+    fig.add_annotation(text=_peaks(job, trace), xref="paper", yref="paper", x=0, y=1.0,
+                       yanchor="bottom", showarrow=False, font={"size": 12, "color": "#555"})
     return _json(fig)
+
+
+def _peaks(job: JobView, trace: list) -> str:
+    """The peaks the result reports (they include samples between marks), else the trace's."""
+    if job.result is not None:
+        host, device = job.result.memory.peak_host_rss_bytes, job.result.memory.peak_device_bytes
+    else:
+        host = max(p.host_rss_bytes for p in trace)
+        device = max((p.device_peak_bytes for p in trace if p.device_peak_bytes is not None),
+                     default=None)
+    note = f"peak host RSS {host / MIB:.0f} MiB"
+    return note + (f" · peak device {device / MIB:.0f} MiB" if device is not None else "")

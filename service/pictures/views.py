@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from schemas import ProbeJob, ProbeResult
+from schemas import JobStatus, ProbeJob, ProbeResult
+from schemas.result import TracePoint
 
 NO_RUN = "(checkpoint path unknown)"
 
@@ -21,7 +22,13 @@ class JobView:
     created_at: datetime | None = None
     duration_s: float | None = None   # finished − started, else the probe's own total time
     error: str | None = None          # "[code] message (phase)" of a failed job
-    phase: str | None = None          # progress of an unfinished job
+    progress: str | None = None       # of an unfinished job: "teacher_forcing 12/60"
+    failure_trace: tuple[TracePoint, ...] = ()   # memory up to an OOM or a deadline
+
+    @property
+    def memory_trace(self) -> list[TracePoint]:
+        return list(self.result.memory.trace) if self.result is not None else list(
+            self.failure_trace)
 
     @property
     def adapter(self) -> str | None:
@@ -46,9 +53,15 @@ class JobView:
         if job.error is not None:
             where = f" ({job.error.phase})" if job.error.phase else ""
             error = f"[{job.error.code.value}] {job.error.message}{where}"
+        p = job.progress
+        progress = None
+        if job.status == JobStatus.running:
+            progress = p.phase + (f" {p.done}/{p.total}" if p.total else "")
+        trace = job.error.memory_trace if job.error is not None else None
         return cls(id=job.id, status=job.status.value, result=job.result,
                    created_at=job.created_at, duration_s=duration, error=error,
-                   phase=None if job.status.finished else job.progress.phase)
+                   progress=progress,
+                   failure_trace=tuple(TracePoint.model_validate(t) for t in trace or ()))
 
     @classmethod
     def from_file(cls, path: str | Path) -> JobView:

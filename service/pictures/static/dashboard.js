@@ -33,8 +33,7 @@
   function columns(jobs) {
     const cols = [
       ["job", (j) => j.id, "id"],
-      ["status", (j) => j.status + (j.phase && j.status !== "queued" ? " · " + j.phase : ""),
-       "status"],
+      ["status", (j) => j.status + (j.progress ? " · " + j.progress : ""), "status"],
       ["checkpoint", (j) => short(j.checkpoint), ""],
       ["step", (j) => j.step === null ? "" : String(j.step), "num"],
       ["δH₁ ± SE (predicted)", (j) => pm(j.delta_h1, j.delta_h1_se), "num"],
@@ -109,7 +108,7 @@
     });
   }
 
-  function renderDetails(details) {
+  function renderDetails(details, jobs) {
     const box = $("ep-details");
     const ids = Object.keys(details);
     for (const child of Array.from(box.children))
@@ -123,6 +122,10 @@
         section = el("div", { class: "job-detail", "data-job": id, id: "job-" + id });
         const h = el("h2", {}, "Job ");
         h.appendChild(el("code", {}, id));
+        const job = jobs.find((j) => j.id === id);
+        if (job && job.checkpoint)
+          h.append(" · " + short(job.checkpoint) +
+                   (job.step === null ? "" : " · step " + job.step));
         section.append(h, el("div", { class: "grid" }));
         box.appendChild(section);
       }
@@ -139,7 +142,7 @@
     renderTable(dash.jobs);
     plots($("ep-runs"), dash.runs.map((r) => ["run:" + r.run, r.figure]));
     $("ep-no-runs").hidden = dash.runs.length > 0;
-    renderDetails(dash.details);
+    renderDetails(dash.details, dash.jobs);
   }
 
   function status(text, bad) {
