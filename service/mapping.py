@@ -38,7 +38,11 @@ def to_spec(req: ProbeRequest, *, host_budget_bytes: int) -> core.ProbeSpec:
         trace_memory=req.memory.trace,
         host_budget_bytes=(req.memory.host_budget_bytes if req.memory.host_budget_bytes
                            is not None else host_budget_bytes),
-        seed=req.seed, save_updated_adapter_to=req.save_updated_adapter_to)
+        seed=req.seed, save_updated_adapter_to=req.save_updated_adapter_to,
+        entropy_batch=None if req.entropy_batch is None else core.EntropyBatchSpec(
+            prompts=list(req.entropy_batch.prompts),
+            responses_per_prompt=req.entropy_batch.responses_per_prompt,
+            num_prompts=req.entropy_batch.num_prompts))
 
 
 def _finite(x: float | None) -> float | None:
@@ -72,7 +76,8 @@ def _realized(out: ProbeOutcome) -> wire.Realized | None:
     rows = [wire.RealizedRow(lr_multiplier=s, delta_h=_num(e.delta_h), se=_finite(e.se),
                              delta_h1=_num(s * total), ess_fraction=_num(e.ess_fraction),
                              psis_k=_finite(e.psis_k), delta_j=_reward(e, "delta_j"),
-                             delta_j_se=_reward(e, "se")) for s, e in r.by_multiplier]
+                             delta_j_se=_reward(e, "se"), curvature=_curvature(e))
+            for s, e in r.by_multiplier]
     _, main = r.main
     return wire.Realized(
         delta_h=_num(main.delta_h), se=_finite(main.se), h_before=_num(r.h_before),
@@ -80,7 +85,20 @@ def _realized(out: ProbeOutcome) -> wire.Realized | None:
         ess_fraction=_num(main.ess_fraction), psis_k=_finite(main.psis_k),
         low_ess=not main.ess_fraction >= r.ess_threshold, normalization=r.normalization,
         delta_j=_reward(main, "delta_j"), delta_j_se=_reward(main, "se"),
-        log_weight_noise_floor=_finite(r.noise_floor), by_lr_multiplier=rows)
+        log_weight_noise_floor=_finite(r.noise_floor), by_lr_multiplier=rows,
+        target=r.target)
+
+
+def _curvature(est) -> wire.Curvature | None:
+    c = est.curvature
+    return None if c is None else wire.Curvature(value=_num(c.value), se=_finite(c.se))
+
+
+def _entropy_batch(out: ProbeOutcome) -> wire.EntropyBatchSummary | None:
+    e = out.entropy_batch
+    return None if e is None else wire.EntropyBatchSummary(
+        num_prompts=e.num_prompts, responses_per_prompt=e.responses_per_prompt,
+        mean_response_tokens=_num(e.mean_response_tokens))
 
 
 def _checkpoint(ck: core.CheckpointSpec | None) -> dict:
@@ -101,12 +119,14 @@ def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None) 
         delta_h1=wire.DeltaH1(
             total=_num(d.total), se=_finite(d.se), gradient_term=_num(d.gradient_term),
             momentum_term=_num(d.momentum_term), weight_decay_term=_num(d.weight_decay_term),
-            mode=out.mode, units=out.units,
-            u_statistic=wire.UStatistic(
+            mode=out.mode, units=out.units, target=d.target,
+            se_unconditional=_finite(d.se_unconditional),
+            u_statistic=None if u is None else wire.UStatistic(
                 value=_num(u.value), bars_dot=_num(u.bars_dot), diag_sum=_num(u.diag_sum),
                 se_plugin=_finite(u.se_plugin), zeta1_plugin=_finite(u.zeta1_plugin),
                 se_jackknife=_finite(u.se_jackknife),
                 zeta1_jackknife=_finite(u.zeta1_jackknife))),
+        entropy_batch=_entropy_batch(out),
         entropy=wire.EntropyKind(normalization=out.entropy.normalization,
                                  estimator=out.entropy.estimator,
                                  temperature=out.entropy.temperature),

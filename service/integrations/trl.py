@@ -90,7 +90,7 @@ class EntropyProbeCallback(TrainerCallback):
                  token: str | None = None, every_n_saves: int = 1,
                  map_path: Callable[[str], str] | None = None, probe_timeout: float = 3600.0,
                  wait_at_end: bool = False, end_timeout: float = 600.0, poll: float = 0.5,
-                 match_trainer: bool = True):
+                 match_trainer: bool = True, entropy_prompts: list[str] | None = None):
         if not callable(request):
             _body(request, "checkpoint-0", base_model)   # a bad template fails here, not later
         self.base_url, self.request, self.base_model, self.token = (base_url, request,
@@ -100,6 +100,9 @@ class EntropyProbeCallback(TrainerCallback):
         self.probe_timeout, self.poll = probe_timeout, poll
         self.wait_at_end, self.end_timeout = wait_at_end, end_timeout
         self.match_trainer = match_trainer
+        # held-out prompts: two-batch mode, δH₁ and ΔH measured on them (README)
+        self.held_out = ({"entropy_batch": {"prompts": list(entropy_prompts)}}
+                         if entropy_prompts else {})
         self._run_id = uuid.uuid4().hex[:12]
         self._saves = 0
         self._todo: queue.Queue[tuple[int, dict] | None] = queue.Queue()
@@ -136,7 +139,8 @@ class EntropyProbeCallback(TrainerCallback):
         try:
             template = self.request(state.global_step) if callable(self.request) else self.request
             body = _body(template, self.map_path(os.path.abspath(ckpt)), self.base_model,
-                         trainer_fields(args) if self.match_trainer else None)
+                         {**(trainer_fields(args) if self.match_trainer else {}),
+                          **self.held_out})
         except Exception as exc:  # a user callable or template error must not stop training
             log.warning("entropy-probe: could not build the request for step %d: %s",
                         state.global_step, exc)
