@@ -1,26 +1,33 @@
-"""Per-unit gradient summaries X_u = Σ c^X ∇S and Y_u = Σ c^Y ∇S from one forward with grad
-per chunk.
+"""Weighted sums of per-sequence gradients Σ_i w_ri ∇S_i (and Σ_i w_ri ∇F_i) per unit, from one
+forward with grad per chunk (summaries.py says which rows and how they combine).
 
-Two ways to get both weighted sums from one graph:
-- `hooks` (fast): one backward of Σ_i S_i. Sequences in a chunk do not interact, so the
-  output-gradient that reaches a LoRA linear layer at sequence i's positions is ∂S_i/∂out_i.
-  Forward hooks keep each layer's input x [n, T, d_in]; tensor hooks receive the
-  output-gradient g [n, T, d_out] and add Σ_i c_i Σ_t g_it x_itᵀ for c = c^X and c^Y (the
-  per-sample-gradient trick of Opacus / book-keeping DP, Bu et al. 2022). Needs every trainable
-  parameter to be the weight of a bias-free nn.Linear that sees [n, T, d] inputs (LoRA A/B).
-- `two_backward`: autograd.grad of Σ c^X S and of Σ c^Y S with retain_graph. Works for any
-  trainable parameter; used when `hooks` does not apply, and as the reference in tests.
+Two ways to get many weighted sums from one graph:
+- `hooks` (fast): one backward of Σ_i S_i (and one of Σ_i F_i). Sequences in a chunk do not
+  interact, so the output-gradient that reaches a LoRA linear layer at sequence i's positions
+  is ∂S_i/∂out_i. Forward hooks keep each layer's input x [n, T, d_in]; tensor hooks receive
+  the output-gradient g [n, T, d_out] and add Σ_i w_ri Σ_t g_it x_itᵀ for every row r of the
+  weight matrix [R, n] (the per-sample-gradient trick of Opacus / book-keeping DP, Bu et al.
+  2022). Needs every trainable parameter to be the weight of a bias-free nn.Linear that sees
+  [n, T, d] inputs (LoRA A/B).
+- `two_backward`: autograd.grad of Σ_i w_ri S_i for each row r that has a non-zero weight in
+  the chunk, with retain_graph. Works for any trainable parameter; used when `hooks` does not
+  apply, and as the reference in tests (the name is the first round's, when there were two
+  rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
 import torch
 
 from probe_core.checkpoint import causal_lm
-from probe_core.teacher_forcing import TeacherForcer, to_device
+from probe_core.entropy import SequenceStats, pathwise_objective, sequence_stats
+from probe_core.spec import GradMethod
+from probe_core.summaries import SummaryPlan, UnitSummary
+from probe_core.teacher_forcing import TeacherForcer
 
 
 @dataclass
@@ -60,8 +67,8 @@ class _LinearGradCapture:
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and id(module.weight) in where:
                 self.layers.append((module, where[id(module.weight)]))
-        self.coef: torch.Tensor | None = None      # [2, n]
-        self.acc: torch.Tensor | None = None       # [2, P] device accumulator
+        self.coef: torch.Tensor | None = None      # [R, n] weights of the current backward
+        self.acc: torch.Tensor | None = None       # [R, P] device accumulator
         # this chunk's hooked outputs, in call order: (weak ref, weight, whether its input was
         # one); weak, so that outputs no hooked layer reads (LoRA B, [n, T, d_out]) are not kept
         self._outputs: list[tuple[weakref.ref, torch.nn.Parameter, bool]] = []
@@ -132,23 +139,26 @@ class _LinearGradCapture:
 
 @dataclass
 class UnitGradient:
-    """One unit's gradient summaries and the passes they took.
+    """One unit's gradient summaries, its sequences' statistics and the passes they took.
 
-    Fields: x X_u, y Y_u (fp32 [P] on the device); forward_grad, backward: sequences through
-    each pass kind.
+    Fields: summary (UnitSummary, device fp32 [P] vectors); stats: the unit's SequenceStats
+    (device, in the unit's sequence order); forward_grad, backward: sequences through each pass
+    kind (a backward of a chunk of n sequences counts n).
     """
 
-    x: torch.Tensor
-    y: torch.Tensor
+    summary: UnitSummary
+    stats: SequenceStats
     forward_grad: int
     backward: int
 
 
 class GradientAccumulator:
-    """Runs phase 2: for each unit, for each chunk, one forward with grad and X/Y from it."""
+    """The gradient pass: per unit, per chunk, one forward with grad, the sequences' statistics
+    from it, then one backward of Σ S (and, full_vocabulary, one of Σ F) whose per-sequence
+    output-gradients are weighted into the plan's rows."""
 
     def __init__(self, forcer: TeacherForcer, model: torch.nn.Module, flat: FlatParams,
-                 method: str = "auto"):
+                 method: GradMethod = "auto"):
         self.forcer, self.flat = forcer, flat
         lm = forcer.decoder
         if method == "auto":
@@ -157,34 +167,67 @@ class GradientAccumulator:
         self.method = method
         self.capture = _LinearGradCapture(flat, lm) if method == "hooks" else None
 
-    def unit(self, chunks: list[torch.Tensor], coef_x: torch.Tensor, coef_y: torch.Tensor,
+    def unit(self, chunks: list[torch.Tensor], plan: SummaryPlan, prompt_weight: torch.Tensor,
              on_chunk=None) -> UnitGradient:
-        """X_u, Y_u for one unit.
+        """The unit made of `chunks` (its sequences, prompt by prompt, G per prompt).
 
-        Args: chunks: sequence indices; coef_x, coef_y: [N] host coefficients (float64);
-        on_chunk: called after each chunk."""
-        dev = self.forcer.device
-        acc = torch.zeros(2, self.flat.numel, dtype=torch.float32, device=dev)   # [2, P]
-        backwards = 0
-        rows_u = torch.cat(chunks)
-        coefs = to_device(torch.stack([coef_x[rows_u], coef_y[rows_u]]).float(), dev)  # [2, n_u]
-        start = 0
+        Args: plan: the rows and their combination; prompt_weight: [k] float64, each prompt's
+        weight in the unit; on_chunk: called after each chunk."""
+        dev, numel, g = self.forcer.device, self.flat.numel, plan.group_size
+        k = len(prompt_weight)
+        acc_lp = torch.zeros(k * plan.num_rows, numel, dtype=torch.float32, device=dev)
+        acc_pw = torch.zeros(k, numel, dtype=torch.float32, device=dev) if plan.pathwise \
+            else None
+        first = int(chunks[0][0])
+        stats, backward = [], 0
         for rows in chunks:
-            coef = coefs[:, start:start + len(rows)]                          # [2, n]
-            start += len(rows)
-            if self.method == "hooks":
-                self.capture.coef, self.capture.acc = coef, acc
-                with self.capture:
-                    s = self.forcer.logprobs(rows, grad=True)                   # [n]
-                torch.autograd.grad(s.sum(), self.capture.backward_inputs(), allow_unused=True)
-                backwards += len(rows)
-            else:
-                s = self.forcer.logprobs(rows, grad=True)
-                for k in range(2):
-                    g = torch.autograd.grad((coef[k] * s).sum(), self.flat.params,
-                                            retain_graph=k == 0, allow_unused=True)
-                    acc[k] += self.flat.flatten(g)
-                backwards += 2 * len(rows)
+            prompt = (rows - first) // g                                   # [n] in 0..k−1
+            objectives, chunk_stats = self._forward(rows, plan)
+            stats.append(chunk_stats)
+            targets = [(objectives[0], acc_lp,
+                        plan.logprob_weights(chunk_stats, rows, prompt, k))]
+            if plan.pathwise:
+                onehot = torch.zeros(k, len(rows), device=dev)
+                onehot[prompt.to(dev), torch.arange(len(rows), device=dev)] = 1.0   # [k, n]
+                targets.append((objectives[1], acc_pw, onehot))
+            backward += self._backward(targets) * len(rows)
             if on_chunk:
                 on_chunk()
-        return UnitGradient(x=acc[0], y=acc[1], forward_grad=len(rows_u), backward=backwards)
+        unit_stats = SequenceStats.cat(stats)
+        summary = plan.combine(acc_lp.view(k, plan.num_rows, numel), acc_pw, unit_stats,
+                               prompt_weight.to(dev, torch.float32))
+        n_seq = sum(len(c) for c in chunks)
+        return UnitGradient(summary=summary, stats=unit_stats, forward_grad=n_seq,
+                            backward=backward)
+
+    def _forward(self, rows: torch.Tensor, plan: SummaryPlan):
+        """The chunk's objectives with a graph ([S] or [S, F], [n] each) and its statistics."""
+        with self.capture if self.capture is not None else contextlib.nullcontext():
+            tokens = self.forcer.tokens(rows, grad=True, entropy=plan.pathwise)
+        if self.capture is not None:
+            self.inputs = self.capture.backward_inputs()
+        objectives = [tokens.sequence_sum("logprob")]
+        if plan.pathwise:
+            objectives.append(pathwise_objective(tokens))
+        return objectives, sequence_stats(tokens, plan.spec)
+
+    def _backward(self, targets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> int:
+        """For each (objective [n], accumulator [R, P], weights [R, n]): acc += Σ_i w_ri ∇obj_i.
+        Returns the number of backwards run over the chunk."""
+        count = 0
+        for j, (objective, acc, weights) in enumerate(targets):
+            retain = j < len(targets) - 1
+            if self.method == "hooks":
+                self.capture.coef, self.capture.acc = weights, acc
+                torch.autograd.grad(objective.sum(), self.inputs, retain_graph=retain,
+                                    allow_unused=True)
+                count += 1
+                continue
+            used = [r for r in range(weights.shape[0]) if bool(weights[r].any())]
+            for q, r in enumerate(used):
+                grads = torch.autograd.grad((weights[r] * objective).sum(), self.flat.params,
+                                            retain_graph=retain or q < len(used) - 1,
+                                            allow_unused=True)
+                acc[r] += self.flat.flatten(grads)
+                count += 1
+        return count

@@ -1,8 +1,11 @@
 """Self-normalized importance sampling of the entropy after a step, with ESS and PSIS k̂.
 
 The responses were drawn from π_θ; after the step θ⁺ their weights are w = π_θ⁺/π_θ =
-exp(S⁺ − S). Ĥ(θ⁺) = −Σ ŵ S⁺ with ŵ = w/Σw over all B·G samples (`global`) or within each
-prompt (`per_prompt`). With G responses per prompt and the same G for all prompts, the global
+exp(S⁺ − S). Each sequence carries an entropy value f⁺ (Σ_t h_t at θ⁺ on the same prefixes for
+`full_vocabulary`, −S⁺ for `sampled`) and a length L (T for `token_mean`, 1 for `sequence`):
+Ĥ(θ⁺) = Σ ŵ f⁺ / Σ ŵ L with ŵ = w/Σw over all B·G samples (`global`) or within each prompt
+(`per_prompt`); Ĥ(θ) = Σ f / Σ L. With sequence + sampled this is the first round's
+Ĥ(θ⁺) = −Σ ŵ S⁺. With G responses per prompt and the same G for all prompts, the global
 ratio estimates the prompt-averaged entropy and pools the normalizer over B·G samples, which
 makes it far less noisy than G-sample per-prompt ratios (its bias is O(1/(B·G)) instead of
 O(1/G)).
@@ -32,6 +35,9 @@ class RewardChange:
 
 @dataclass
 class SnisEstimate:
+    """Fields: h_after Ĥ(θ⁺); delta_h Ĥ(θ⁺) − Ĥ(θ); se (delta method, None where undefined);
+    ess (Σw)²/Σw²; ess_fraction ESS/(B·G); psis_k k̂ (None when not computed)."""
+
     h_after: float
     delta_h: float
     se: float | None
@@ -41,11 +47,30 @@ class SnisEstimate:
     reward: RewardChange | None = None     # the mean reward's change on the same weights
 
 
-def entropy_before(s: torch.Tensor) -> tuple[float, float | None]:
-    """Ĥ(θ) = −mean S and its SE, with prompts as strata. Args: s [B, G]."""
-    s = s.double()
-    b, g = s.shape
-    return float(-s.mean()), _stratified_se(-s)
+@dataclass
+class EntropySample:
+    """A batch's per-sequence entropy values at one θ, float64 [B, G] each.
+
+    Fields: value f (Σ_t h_t, or −S for `sampled`); length L (T for token_mean, 1 for
+    sequence); so that Ĥ = Σ ŵ f / Σ ŵ L. log_weight: log π_θ(y)/π_θ₀(y) of the responses
+    drawn at θ₀ (0 there).
+    """
+
+    value: torch.Tensor
+    length: torch.Tensor
+    log_weight: torch.Tensor
+
+
+def entropy_before(before: EntropySample) -> tuple[float, float | None]:
+    """Ĥ(θ) = Σ f / Σ L and its SE (delta method, prompts as strata)."""
+    f, ell = before.value, before.length
+    h = float(f.sum() / ell.sum())
+    return h, _stratified_se((f - h * ell) / ell.mean())
+
+
+def per_prompt_entropy(before: EntropySample) -> torch.Tensor:
+    """Each prompt's own Ĥ_n(θ) = Σ_g f / Σ_g L, float64 [B]."""
+    return before.value.sum(1) / before.length.sum(1)
 
 
 def _stratified_se(phi: torch.Tensor) -> float | None:
@@ -115,30 +140,42 @@ def _snis_mean(log_w: torch.Tensor, f: torch.Tensor, normalization: str
     raise ValueError(f"unknown normalization {normalization!r}")
 
 
-def reward_change(s: torch.Tensor, s_after: torch.Tensor, rewards: torch.Tensor,
-                  normalization: str) -> RewardChange:
+def reward_change(log_w: torch.Tensor, rewards: torch.Tensor, normalization: str
+                  ) -> RewardChange:
     """The mean reward after the step by SNIS, Ĵ(θ⁺) = Σ ŵ R, against Ĵ(θ) = mean R, with the
     delta-method SE of the difference (prompts as strata).
 
-    Args: s, s_after, rewards: [B, G]."""
+    Args: log_w (log π_θ⁺/π_θ of the responses), rewards: [B, G]."""
     r = rewards.double()
-    j_after, phi = _snis_mean(s_after.double() - s.double(), r, normalization)
+    j_after, phi = _snis_mean(log_w, r, normalization)
     return RewardChange(j_after, j_after - float(r.mean()), _stratified_se(phi - r))
 
 
-def snis(s: torch.Tensor, s_after: torch.Tensor, normalization: str, psis: bool,
+def snis(before: EntropySample, after: EntropySample, normalization: str, psis: bool,
          rewards: torch.Tensor | None = None) -> SnisEstimate:
-    """Entropy after the step and its change; with rewards, the mean reward's change too.
-    Args: s, s_after, rewards [B, G] (float)."""
-    s, s_after = s.double(), s_after.double()
-    b, g = s.shape
-    log_w = s_after - s                                                    # [B, G]
-    h_after, phi = _snis_mean(log_w, -s_after, normalization)
-    h_before = float(-s.mean())
-    # delta method: ΔH ≈ mean(φ) − mean(−S), the linearized ratio minus the plain mean
-    se = _stratified_se(phi + s)
+    """Entropy after the step, Ĥ(θ⁺) = Σ ŵ f⁺ / Σ ŵ L (the ratio of the two self-normalized
+    means), and its change from Ĥ(θ); the weights are w = exp(log_weight) of `after`,
+    normalized over all B·G samples (`global`) or within each prompt (`per_prompt`). With
+    rewards [B, G], the mean reward's change on the same weights too."""
+    log_w = after.log_weight                                                   # [B, G]
+    b, g = log_w.shape
+    value, phi_f = _snis_mean(log_w, after.value, normalization)
+    length, phi_l = _snis_mean(log_w, after.length, normalization)
+    h_after = value / length
+    phi = (phi_f - h_after * phi_l) / length           # influence of the ratio, [B, G]
+    h_before, _ = entropy_before(before)
+    # delta method: ΔH ≈ mean(φ) − mean(ψ), the linearized ratios after and before
+    psi = (before.value - h_before * before.length) / before.length.mean()
+    se = _stratified_se(phi - psi)
     wf = torch.exp(log_w - log_w.max()).reshape(-1)
     ess = float(wf.sum() ** 2 / (wf * wf).sum())
     k = psis_k(log_w.reshape(-1)) if psis else None
-    reward = None if rewards is None else reward_change(s, s_after, rewards, normalization)
-    return SnisEstimate(h_after, h_after - h_before, se, ess, ess / (b * g), k, reward)
+    reward = None if rewards is None else reward_change(log_w, rewards, normalization)
+    return SnisEstimate(h_after=h_after, delta_h=h_after - h_before, se=se, ess=ess,
+                        ess_fraction=ess / (b * g), psis_k=k, reward=reward)
+
+
+def per_prompt_change(before: EntropySample, after: EntropySample) -> torch.Tensor:
+    """Each prompt's own realized ΔH_n by SNIS within the prompt, float64 [B]."""
+    w = torch.exp(after.log_weight - after.log_weight.max(dim=1, keepdim=True).values)
+    return (w * after.value).sum(1) / (w * after.length).sum(1) - per_prompt_entropy(before)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from probe_core.adamw import AdamWStep
+from probe_core.entropy import SequenceStats
 from probe_core.estimators import DeltaH1
 from probe_core.proxy import CovarianceProxy
 from probe_core.importance import SnisEstimate
@@ -21,6 +22,8 @@ class RealizedOutcome:
     ess_threshold: float
     by_multiplier: list[tuple[float, SnisEstimate]]   # (s, estimate), in request order
     noise_floor: float | None
+    per_prompt_h_before: torch.Tensor | None = None    # Ĥ_n(θ) [B] float64
+    per_prompt_delta_h: torch.Tensor | None = None     # per-prompt SNIS ΔH_n at s = main [B]
 
     @property
     def main(self) -> tuple[float, SnisEstimate]:
@@ -29,6 +32,27 @@ class RealizedOutcome:
             if s == 1.0:
                 return s, est
         return self.by_multiplier[0]
+
+
+@dataclass
+class EntropyOutcome:
+    """The entropy kind the numbers are in (echoed in the result)."""
+
+    normalization: str
+    estimator: str
+    temperature: float
+
+
+@dataclass
+class PerPromptView:
+    """Per prompt, [B] each: unit (its unit's index, long); delta_h1 (its unit's contribution,
+    float64: their mean over units is δH₁); h_before, delta_h (its own Ĥ_n(θ) and per-prompt
+    SNIS ΔH_n; None without the realized pass)."""
+
+    unit: torch.Tensor
+    delta_h1: torch.Tensor
+    h_before: torch.Tensor | None
+    delta_h: torch.Tensor | None
 
 
 @dataclass
@@ -65,6 +89,7 @@ class ProbeOutcome:
     delta_h1: DeltaH1
     mode: str
     units: int
+    entropy: EntropyOutcome
     realized: RealizedOutcome | None
     batch: BatchOutcome
     proxy: CovarianceProxy
@@ -78,9 +103,11 @@ class ProbeOutcome:
     grad_method: str
     base_reused: bool
     warnings: list[str] = field(default_factory=list)
+    per_prompt: PerPromptView | None = None
     # for library users and tests (not in the JSON): the flat gradient summaries and the step
     step: AdamWStep | None = None
     x_bar: torch.Tensor | None = None     # [P] float64
     y_bar: torch.Tensor | None = None     # [P] float64
     unit_x: torch.Tensor | None = None    # [U, P] fp32, None when over the host budget
     unit_y: torch.Tensor | None = None
+    sequences: SequenceStats | None = None   # S, T, f, b of every sequence (host, batch order)

@@ -1,15 +1,18 @@
 """run_probe: one probe job, phase by phase, following the pass schedule of docs/method.md.
 
-1. no-grad teacher forcing of all B·G sequences → S, Ĥ(θ), c^X        (teacher_forcing.py)
-2. per unit, per chunk: one forward with grad, X and Y from that graph  (gradients.py)
-3. host algebra: Ȳ, κ, D, Δθ, unit dots, δH₁ and its SEs             (adamw.py, estimators/)
-4. one no-grad forward per lr multiplier at θ + sΔθ, restored after     (importance.py)
+1. the units (estimator.layout) and the update weights c^Y from rewards and lengths
+2. per unit, per chunk: one forward with grad → S, T, f, m of each sequence (detached) and the
+   weighted sums of ∇S (one backward) and, full_vocabulary, of ∇F (a second)  (gradients.py)
+3. batch scalars, Ȳ, κ, D, Δθ, unit dots, δH₁ and its SEs          (adamw.py, estimators/)
+4. one no-grad forward per lr multiplier at θ + sΔθ, restored after → S⁺, f⁺, SNIS
+Phase 1 keeps the name `teacher_forcing` of the first round's no-grad pass, which is gone:
+S now comes from the gradient forward (issue 17).
 
 Each stage hands the next a small dataclass (stages.py says which are maps and which reduces).
-Unit vectors X_u, Y_u are kept on the host while they fit spec.host_budget_bytes; above it
-only their sums are kept in phase 2 and a second gradient pass recomputes each unit to take
-its dot products once D is known (one more grad forward and backward per sequence, reported
-in `passes` and the warnings).
+Unit summaries are kept on the host while they fit spec.host_budget_bytes; above it only
+their sums are kept in phase 2 and a second gradient pass recomputes each unit to take its dot
+products once D is known (one more grad forward and backward per sequence, reported in
+`passes` and the warnings).
 """
 
 from __future__ import annotations
@@ -25,24 +28,27 @@ import torch
 
 from probe_core.adamw import AdamWState, AdamWStep, adamw_step
 from probe_core.checkpoint import LoadedCheckpoint, ModelCache, open_checkpoint
+from probe_core.entropy import EntropyScalars, SequenceStats, batch_scalars
 from probe_core.errors import (CheckpointInvalid, DeadlineExceeded, DegenerateBatch,
                                InvalidRequest, ProbeCancelled, ProbeOutOfMemory)
 from probe_core.estimators import (DeltaH1, Estimator, UnitDots, UnitLayout, UnitMeans,
                                    estimator_for, unit_dots)
 from probe_core.gradients import FlatParams, GradientAccumulator
-from probe_core.importance import entropy_before, snis
+from probe_core.importance import (EntropySample, entropy_before, per_prompt_change,
+                                   per_prompt_entropy, snis)
 from probe_core.memory import MemoryTracer
-from probe_core.objective import Coefficients, coefficients
-from probe_core.outcome import (BatchOutcome, OptimizerOutcome, Passes, ProbeOutcome,
-                                RealizedOutcome)
+from probe_core.objective import UpdateWeights, update_weights
+from probe_core.outcome import (BatchOutcome, EntropyOutcome, OptimizerOutcome, Passes,
+                                PerPromptView, ProbeOutcome, RealizedOutcome)
 from probe_core.paths import check_destination
 from probe_core.proxy import covariance_proxy
 from probe_core.rollouts import Batch, batch_for
 from probe_core.spec import PHASES, Phase, ProbeSpec, RuntimeOptions
 from probe_core.stages import (GradientShard, keeps_unit_vectors, map_gradients, map_unit_dots,
-                               reduce_gradients)
+                               reduce_gradients, reduce_stats, unit_vectors)
+from probe_core.summaries import UPDATE, SummaryPlan
 from probe_core.step import ParameterSwap, save_adapter
-from probe_core.teacher_forcing import TeacherForcer, all_logprobs, all_logprobs_subset
+from probe_core.teacher_forcing import TeacherForcer, all_logprobs_subset, sequence_values
 
 __all__ = ["PHASES", "ProbeHooks", "resolve_device", "run_probe"]
 
@@ -76,17 +82,27 @@ def run_probe(spec: ProbeSpec, options: RuntimeOptions | None = None,
 
 
 @dataclass
-class _Sequences:
-    """The batch and what teacher forcing learnt about it.
+class _Plan:
+    """What is known before the gradient pass.
 
-    Fields: batch; rewards [B, G] float64; layout (the estimator's units); s: S [N] fp32 host;
-    coefs: c^X, c^Y [N] and advantages [B, G]."""
+    Fields: batch; rewards [B, G] float64; layout (the estimator's units); update: c^Y [N]
+    and advantages [B, G]; summaries: the accumulator rows and their combination."""
 
     batch: Batch
     rewards: torch.Tensor
     layout: UnitLayout
-    s: torch.Tensor
-    coefs: Coefficients
+    update: UpdateWeights
+    summaries: SummaryPlan
+
+
+@dataclass
+class _Measured:
+    """The gradient pass's outputs: the shard, every sequence's statistics (host, batch
+    order) and the batch scalars."""
+
+    shard: GradientShard
+    stats: SequenceStats
+    scalars: EntropyScalars
 
 
 @dataclass
@@ -182,17 +198,18 @@ class _Probe:
         batch, rewards = self._rollouts(ck)
         forcer = TeacherForcer(ck.model, batch, self.spec.generation.temperature, self.device,
                                self._autocast_dtype())
-        seqs = self._teacher_forcing(forcer, batch, rewards)
+        plan = self._plan(batch, rewards)
         acc = GradientAccumulator(forcer, ck.model, FlatParams.of([p for _, p in ck.params]),
                                   self.opts.grad_method)
-        shard = self._gradients(acc, seqs)
-        result = self._step(ck, acc, seqs, shard)
+        measured = self._gradients(acc, plan)
+        result = self._step(ck, acc, plan, measured)
         realized = None
         if self.spec.realized.enabled:
             self._enter("realized")
-            realized = self._realized(forcer, seqs, ParameterSwap(acc.flat), result.step)
+            realized = self._realized(forcer, plan, measured.stats,
+                                      ParameterSwap(acc.flat), result.step)
             self._finish("realized")
-        return self._outcome(ck, seqs, shard, result, realized, acc.method)
+        return self._outcome(ck, plan, measured, result, realized, acc.method)
 
     # -- phases ------------------------------------------------------------------------------
     def _rollouts(self, ck: LoadedCheckpoint) -> tuple[Batch, torch.Tensor]:
@@ -210,49 +227,51 @@ class _Probe:
             return torch.bfloat16
         return None
 
-    def _teacher_forcing(self, forcer: TeacherForcer, batch: Batch, rewards: torch.Tensor
-                         ) -> _Sequences:
-        """Phase 1: the units, S of every sequence (no grad) and the coefficients."""
+    def _plan(self, batch: Batch, rewards: torch.Tensor) -> _Plan:
+        """Phase 1: the units and the update weights (the sequences' own numbers come from
+        the gradient forward)."""
         layout = self.estimator.layout(batch.num_prompts, batch.group_size)
         self._enter("teacher_forcing")
-        chunks = [c for u in layout.chunks(self.spec.microbatch_size) for c in u]
-        s = all_logprobs(forcer, chunks, on_chunk=self._tick)                        # [N]
-        self.passes.forward_no_grad += batch.num_sequences
-        coefs = coefficients(self.spec.objective, self.spec.generation.max_new_tokens, rewards,
-                             batch.lengths, s, layout)
+        update = update_weights(self.spec.objective, self.spec.generation.max_new_tokens,
+                                rewards, batch.lengths)
+        summaries = SummaryPlan(self.spec.entropy, {UPDATE: update.c_y}, batch.group_size)
         self._finish("teacher_forcing")
-        return _Sequences(batch=batch, rewards=rewards, layout=layout, s=s, coefs=coefs)
+        return _Plan(batch=batch, rewards=rewards, layout=layout, update=update,
+                     summaries=summaries)
 
-    def _gradients(self, acc: GradientAccumulator, seqs: _Sequences) -> GradientShard:
-        """Phase 2 (a map over one shard holding every unit)."""
+    def _gradients(self, acc: GradientAccumulator, plan: _Plan) -> _Measured:
+        """Phase 2 (a map over one shard holding every unit, then its reduce)."""
         self._enter("gradients")
-        unit_chunks = seqs.layout.chunks(self.spec.microbatch_size)
-        keep = keeps_unit_vectors(len(unit_chunks), acc.flat.numel, self.spec.host_budget_bytes)
-        shard = map_gradients(acc, unit_chunks, seqs.coefs, keep,
-                              on_chunk=self._counter(sum(len(c) for c in unit_chunks)))
+        layout, mb = plan.layout, self.spec.microbatch_size
+        keep = keeps_unit_vectors(layout.num_units, acc.flat.numel,
+                                  len(plan.summaries.rows), self.spec.host_budget_bytes)
+        shard = map_gradients(acc, layout, plan.summaries, keep, mb,
+                              on_chunk=self._counter(sum(map(len, layout.chunks(mb)))))
         self._count_gradient_passes(shard.forward_grad, shard.backward)
+        stats = reduce_stats([shard], plan.batch.num_sequences)
         self._finish("gradients")
-        return shard
+        return _Measured(shard=shard, stats=stats,
+                         scalars=batch_scalars(stats, self.spec.entropy))
 
     def _count_gradient_passes(self, forward: int, backward: int) -> None:
         self.passes.forward_grad += forward
         self.passes.backward += backward
 
-    def _step(self, ck: LoadedCheckpoint, acc: GradientAccumulator, seqs: _Sequences,
-              shard: GradientShard) -> _StepResult:
-        """Phase 3: reduce to Ȳ, the AdamW step, the unit dots and δH₁."""
+    def _step(self, ck: LoadedCheckpoint, acc: GradientAccumulator, plan: _Plan,
+              measured: _Measured) -> _StepResult:
+        """Phase 3: reduce to X̄, Ȳ, the AdamW step, the unit dots and δH₁."""
         self._enter("step")
         swap = ParameterSwap(acc.flat)
         state = AdamWState.from_states(ck.states, self.spec.lr_override)
-        means = reduce_gradients([shard])
+        means = reduce_gradients([measured.shard], measured.scalars)
         step = adamw_step(state, means.y_bar, swap.theta(), self.spec.max_grad_norm)
-        if shard.unit_x is not None:
-            dots = map_unit_dots(shard, step, means)
+        if measured.shard.vectors is not None:
+            dots = map_unit_dots(measured.shard, step, means, measured.scalars)
         else:
-            dots = self._recomputed_dots(acc, seqs, step, means)
+            dots = self._recomputed_dots(acc, plan, measured.scalars, step, means)
         estimate = self.estimator.delta_h1(dots, step.kappa)
         check_finite(estimate, state)
-        self._warn_degenerate(seqs.coefs.advantages, state, seqs.layout.num_units)
+        self._warn_degenerate(plan.update.advantages, state, plan.layout.num_units)
         updated = None
         if self.save_to is not None:   # the real step, s = 1, whatever the multipliers are
             try:
@@ -264,16 +283,19 @@ class _Probe:
         return _StepResult(state=state, means=means, step=step, estimate=estimate,
                            updated_adapter=updated)
 
-    def _recomputed_dots(self, acc: GradientAccumulator, seqs: _Sequences, step: AdamWStep,
-                         means: UnitMeans) -> UnitDots:
-        """The unit dots when the unit vectors did not fit the host: each unit again."""
+    def _recomputed_dots(self, acc: GradientAccumulator, plan: _Plan, scalars: EntropyScalars,
+                         step: AdamWStep, means: UnitMeans) -> UnitDots:
+        """The unit dots when the unit summaries did not fit the host: each unit again."""
         self.warnings.append("unit vectors exceeded the host memory budget: a second gradient "
                              "pass recomputed them")
-        parts = []
-        for chunks in seqs.layout.chunks(self.spec.microbatch_size):
-            grad = acc.unit(chunks, seqs.coefs.c_x, seqs.coefs.c_y, on_chunk=self._counter(0))
+        layout, parts = plan.layout, []
+        for u, chunks in enumerate(layout.chunks(self.spec.microbatch_size)):
+            grad = acc.unit(chunks, plan.summaries, layout.prompt_weight[layout.prompts[u]],
+                            on_chunk=self._counter(0))
             self._count_gradient_passes(grad.forward_grad, grad.backward)
-            parts.append(unit_dots(grad.x.cpu()[None], grad.y.cpu()[None], step, means))
+            x = scalars.entropy_vector(grad.summary.entropy, grad.summary.length)
+            parts.append(unit_dots(x.cpu()[None], grad.summary.direct[UPDATE].cpu()[None],
+                                   step, means))
         return UnitDots.cat(parts)
 
     def _warn_degenerate(self, adv: torch.Tensor, state: AdamWState, n_units: int) -> None:
@@ -287,42 +309,55 @@ class _Probe:
         if n_units < MIN_UNITS_FOR_JACKKNIFE:
             self.warnings.append("fewer than 3 units: the jackknife SE is undefined (null)")
 
-    def _realized(self, forcer: TeacherForcer, seqs: _Sequences, swap: ParameterSwap,
-                  step: AdamWStep) -> RealizedOutcome:
-        """Phase 4: S⁺ at θ + sΔθ on the same sequences for each multiplier, then SNIS."""
+    def _realized(self, forcer: TeacherForcer, plan: _Plan, stats: SequenceStats,
+                  swap: ParameterSwap, step: AdamWStep) -> RealizedOutcome:
+        """Phase 4: S⁺ (and f⁺) at θ + sΔθ on the same sequences for each multiplier, SNIS."""
         spec = self.spec.realized
-        chunks = [c for u in seqs.layout.chunks(self.spec.microbatch_size) for c in u]
-        b, g = seqs.batch.num_prompts, seqs.batch.group_size
-        s = seqs.s
-        rows = []
+        chunks = [c for u in plan.layout.chunks(self.spec.microbatch_size) for c in u]
+        shape = (plan.batch.num_prompts, plan.batch.group_size)
+        full = self.spec.entropy.estimator == "full_vocabulary"
+        length = (stats.length if self.spec.entropy.normalization == "token_mean"
+                  else torch.ones_like(stats.length)).double().view(shape)
+        before = EntropySample(value=stats.entropy.double().view(shape), length=length,
+                               log_weight=torch.zeros(shape, dtype=torch.float64))
+        rows, samples = [], []
         on_chunk = self._counter(len(chunks) * len(spec.lr_multipliers))
         try:
             for mult in spec.lr_multipliers:
                 swap.apply(step.delta, mult)
-                s_after = all_logprobs(forcer, chunks, on_chunk=lambda *_: on_chunk())
-                self.passes.forward_no_grad += s.numel()
+                values = sequence_values(forcer, chunks, full, on_chunk=lambda *_: on_chunk())
+                self.passes.forward_no_grad += plan.batch.num_sequences
                 swap.restore()
-                rows.append((mult, snis(s.view(b, g), s_after.view(b, g), spec.normalization,
-                                        spec.psis, seqs.rewards)))
+                s_after = values.logprob.double().view(shape)
+                after = EntropySample(
+                    value=values.entropy.double().view(shape) if full else -s_after,
+                    length=length, log_weight=s_after - stats.logprob.double().view(shape))
+                samples.append(after)
+                rows.append((mult, snis(before, after, spec.normalization, spec.psis,
+                                        plan.rewards)))
         finally:
             swap.restore()
-        h0, h0_se = entropy_before(s.view(b, g))
+        h0, h0_se = entropy_before(before)
+        main = next((k for k, m in enumerate(spec.lr_multipliers) if m == 1.0), 0)
         return RealizedOutcome(h_before=h0, h_before_se=h0_se, normalization=spec.normalization,
                                ess_threshold=spec.ess_threshold, by_multiplier=rows,
-                               noise_floor=self._noise_floor(forcer, s))
+                               noise_floor=self._noise_floor(forcer, stats.logprob),
+                               per_prompt_h_before=per_prompt_entropy(before),
+                               per_prompt_delta_h=per_prompt_change(before, samples[main]))
 
     def _noise_floor(self, forcer: TeacherForcer, s: torch.Tensor) -> float:
-        """max |S − S'| over a few sequences recomputed with another chunking."""
+        """max |S − S'| over a few sequences, S from the gradient forward and S' recomputed
+        without grad in another chunking."""
         n = min(NOISE_CHECK_SEQUENCES, s.numel())
         size = 1 if self.spec.microbatch_size > 1 else 2
         alt = all_logprobs_subset(forcer, torch.arange(n), size)
         self.passes.noise_check_forward += n
         return float((alt - s[:n]).abs().max())
 
-    def _outcome(self, ck: LoadedCheckpoint, seqs: _Sequences, shard: GradientShard,
+    def _outcome(self, ck: LoadedCheckpoint, plan: _Plan, measured: _Measured,
                  result: _StepResult, realized: RealizedOutcome | None, grad_method: str
                  ) -> ProbeOutcome:
-        batch, adv, step = seqs.batch, seqs.coefs.advantages, result.step
+        batch, adv, step = plan.batch, plan.update.advantages, result.step
         b, g = batch.num_prompts, batch.group_size
         first = ck.states[0]
         lr = float(result.state.lr[0]) if result.state.lr.numel() else first.lr
@@ -333,18 +368,38 @@ class _Probe:
         summary = BatchOutcome(
             num_prompts=b, responses_per_prompt=g,
             mean_response_tokens=float(batch.lengths.double().mean()),
-            reward_mean=float(seqs.rewards.mean()),
+            reward_mean=float(plan.rewards.mean()),
             zero_advantage_prompts=int((adv == 0).all(1).sum()))
         for phase in PHASES:
             self.timing.setdefault(phase, 0.0)
+        x, y = (unit_vectors(measured.shard, measured.scalars)
+                if measured.shard.vectors is not None else (None, None))
+        entropy = EntropyOutcome(normalization=self.spec.entropy.normalization,
+                                 estimator=self.spec.entropy.estimator,
+                                 temperature=self.spec.generation.temperature)
         return ProbeOutcome(
-            delta_h1=result.estimate, mode=self.estimator.mode, units=seqs.layout.num_units,
-            realized=realized, batch=summary, proxy=covariance_proxy(seqs.s.view(b, g), adv),
-            proxy_lr=lr, optimizer=optimizer, passes=self.passes, timing=self.timing,
-            memory=self.tracer, device=str(self.device), updated_adapter=result.updated_adapter,
+            delta_h1=result.estimate, mode=self.estimator.mode, units=plan.layout.num_units,
+            entropy=entropy, realized=realized, batch=summary,
+            proxy=covariance_proxy(measured.stats.logprob.view(b, g), adv), proxy_lr=lr,
+            optimizer=optimizer, passes=self.passes, timing=self.timing, memory=self.tracer,
+            device=str(self.device), updated_adapter=result.updated_adapter,
             grad_method=grad_method, base_reused=ck.base_reused, warnings=self.warnings,
-            step=step, x_bar=result.means.x_bar, y_bar=result.means.y_bar,
-            unit_x=shard.unit_x, unit_y=shard.unit_y)
+            per_prompt=self._per_prompt(plan, result, realized), step=step,
+            x_bar=result.means.x_bar, y_bar=result.means.y_bar, unit_x=x, unit_y=y,
+            sequences=measured.stats)
+
+    def _per_prompt(self, plan: _Plan, result: _StepResult, realized: RealizedOutcome | None
+                    ) -> PerPromptView | None:
+        if not self.spec.report.per_prompt:
+            return None
+        layout = plan.layout
+        unit_of = torch.empty(plan.batch.num_prompts, dtype=torch.long)
+        for u, prompts in enumerate(layout.prompts):
+            unit_of[prompts] = u
+        return PerPromptView(
+            unit=unit_of, delta_h1=result.estimate.per_unit[unit_of],
+            h_before=realized.per_prompt_h_before if realized else None,
+            delta_h=realized.per_prompt_delta_h if realized else None)
 
 
 def check_finite(estimate: DeltaH1, state: AdamWState) -> None:

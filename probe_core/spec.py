@@ -14,6 +14,8 @@ LengthNorm = Literal["constant", "group_max", "per_sequence", "token_mean"]
 EstimatorMode = Literal["exact", "blocks"]
 RealizedNormalization = Literal["global", "per_prompt"]
 GradMethod = Literal["auto", "hooks", "two_backward"]
+EntropyNormalization = Literal["token_mean", "sequence"]
+EntropyEstimator = Literal["full_vocabulary", "sampled"]
 
 DEFAULT_HOST_BUDGET_BYTES = 8 << 30          # unit vectors kept on the host up to this
 DEFAULT_MAX_TRAINABLE_PARAMS = 50_000_000    # above it a probe needs allow_full_model
@@ -58,6 +60,20 @@ class EstimatorSpec:
 
 
 @dataclass
+class EntropySpec:
+    """Which entropy (probe_core/entropy.py): token_mean or per-sequence, full-vocabulary or
+    sampled. The first round's quantity is sequence + sampled."""
+
+    normalization: EntropyNormalization = "token_mean"
+    estimator: EntropyEstimator = "full_vocabulary"
+
+
+@dataclass
+class ReportSpec:
+    per_prompt: bool = False                # per prompt: h_before, its δH₁ part, its ΔH
+
+
+@dataclass
 class RealizedSpec:
     enabled: bool = True
     normalization: RealizedNormalization = "global"
@@ -79,6 +95,8 @@ class ProbeSpec:
     reward_kind: RewardKind = "exact_match"
     objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
     estimator: EstimatorSpec = field(default_factory=EstimatorSpec)
+    entropy: EntropySpec = field(default_factory=EntropySpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
     lr_override: float | None = None
     max_grad_norm: float | None = None
     realized: RealizedSpec = field(default_factory=RealizedSpec)

@@ -1,12 +1,16 @@
 """The map and reduce pieces of a probe, as functions of small picklable dataclasses.
 
 A job's units can be computed by several workers (issue 16) and reduced:
-    map     gradients over a shard of units      → GradientShard  (map_gradients)
-    reduce  Σ of the shards' P-vectors            → UnitMeans      (reduce_gradients)
-            D, Δθ once                            → AdamWStep      (adamw.adamw_step)
-    map     unit dots for the step                → UnitDots       (map_unit_dots)
-    reduce  U-statistic, SEs                      → DeltaH1        (Estimator.delta_h1 of
-                                                                    UnitDots.cat(parts))
+    map     gradient pass over a shard of units     → GradientShard   (map_gradients)
+    reduce  the batch's sequence statistics          → SequenceStats   (reduce_stats)
+            batch scalars (token-mean ratio, Ê[T])   → EntropyScalars  (entropy.batch_scalars)
+            Σ of the shards' P-vectors               → UnitMeans       (reduce_gradients)
+            D, Δθ once                               → AdamWStep       (adamw.adamw_step)
+    map     unit dots for the step                   → UnitDots        (map_unit_dots)
+    reduce  U-statistic, SEs                         → DeltaH1         (Estimator.delta_h1 of
+                                                                        UnitDots.cat(parts))
+    map     S⁺ (and f⁺) at θ + sΔθ                   → SequenceValues  (teacher_forcing)
+    reduce  SNIS                                     → importance.snis
 Today one process runs them all (probe.py), over one shard holding every unit. Everything a
 map returns is host tensors and numbers, so it can cross a process or Ray boundary.
 """
@@ -19,12 +23,12 @@ from typing import Callable
 import torch
 
 from probe_core.adamw import AdamWStep
-from probe_core.estimators import UnitDots, UnitMeans, unit_dots
+from probe_core.entropy import EntropyScalars, SequenceStats
+from probe_core.estimators import UnitDots, UnitLayout, UnitMeans, unit_dots
 from probe_core.gradients import GradientAccumulator
-from probe_core.objective import Coefficients
+from probe_core.summaries import UPDATE, SummaryPlan
 
 BYTES_PER_FP32 = 4
-UNIT_VECTORS_PER_UNIT = 2        # X_u and Y_u
 
 
 @dataclass
@@ -32,60 +36,87 @@ class GradientShard:
     """The gradient pass over some units (a map output).
 
     Fields:
-        unit_x, unit_y: X_u, Y_u, fp32 [U_s, P] on the host, or None when they exceed the host
-            budget (then map_unit_dots cannot run and the units are recomputed)
-        x_sum, y_sum: Σ_u X_u, Σ_u Y_u over the shard's units, float64 [P] on the host
-        units: U_s, the number of units in the shard
-        forward_grad, backward: sequences through each pass kind
+        vectors: per summary ("entropy" X^seq_u, "length" N_u for token_mean, "update" Y_u, …),
+            fp32 [U_s, P] on the host; None when they exceed the host budget (then the units
+            are recomputed for their dots)
+        sums: per summary, Σ_u over the shard's units, float64 [P] on the host
+        stats: the shard's sequences' SequenceStats (host), in the order of `sequences`
+        sequences: their indices in the batch, [N_s] long
+        units: U_s; forward_grad, backward: sequences through each pass kind
     """
 
-    unit_x: torch.Tensor | None
-    unit_y: torch.Tensor | None
-    x_sum: torch.Tensor
-    y_sum: torch.Tensor
+    vectors: dict[str, torch.Tensor] | None
+    sums: dict[str, torch.Tensor]
+    stats: SequenceStats
+    sequences: torch.Tensor
     units: int
     forward_grad: int
     backward: int
 
 
-def keeps_unit_vectors(units: int, numel: int, host_budget_bytes: int) -> bool:
-    """Whether the X_u, Y_u of `units` units fit the host budget."""
-    return UNIT_VECTORS_PER_UNIT * units * numel * BYTES_PER_FP32 <= host_budget_bytes
+def keeps_unit_vectors(units: int, numel: int, summaries: int, host_budget_bytes: int) -> bool:
+    """Whether `summaries` vectors of `units` units fit the host budget."""
+    return summaries * units * numel * BYTES_PER_FP32 <= host_budget_bytes
 
 
-def map_gradients(acc: GradientAccumulator, unit_chunks: list[list[torch.Tensor]],
-                  coefs: Coefficients, keep: bool, on_chunk: Callable[[], None] | None = None
+def map_gradients(acc: GradientAccumulator, layout: UnitLayout, plan: SummaryPlan,
+                  keep: bool, microbatch: int, on_chunk: Callable[[], None] | None = None
                   ) -> GradientShard:
-    """X_u, Y_u of every unit in `unit_chunks` (per unit, its chunks of sequence indices)."""
-    n_units, numel = len(unit_chunks), acc.flat.numel
-    unit_x = torch.empty(n_units, numel) if keep else None
-    unit_y = torch.empty(n_units, numel) if keep else None
-    # Σ_u X_u, Σ_u Y_u in float64 where the unit vectors are (the device): no per-unit host
-    # arithmetic on [P] vectors while the device waits
-    sums = torch.zeros(2, numel, dtype=torch.float64, device=acc.forcer.device)   # [2, P]
-    forward = backward = 0
-    for u, chunks in enumerate(unit_chunks):
-        grad = acc.unit(chunks, coefs.c_x, coefs.c_y, on_chunk=on_chunk)
+    """The gradient summaries of every unit of `layout` (a shard's units)."""
+    n_units, numel = layout.num_units, acc.flat.numel
+    vectors, sums, stats, forward, backward = None, None, [], 0, 0
+    for u, chunks in enumerate(layout.chunks(microbatch)):
+        grad = acc.unit(chunks, plan, layout.prompt_weight[layout.prompts[u]], on_chunk)
         forward, backward = forward + grad.forward_grad, backward + grad.backward
-        sums[0] += grad.x
-        sums[1] += grad.y
-        if keep:
-            unit_x[u].copy_(grad.x)
-            unit_y[u].copy_(grad.y)
-    x_sum, y_sum = sums.cpu()
-    return GradientShard(unit_x=unit_x, unit_y=unit_y, x_sum=x_sum, y_sum=y_sum, units=n_units,
-                         forward_grad=forward, backward=backward)
+        named = grad.summary.vectors()
+        if sums is None:
+            # Σ_u in float64 where the unit vectors are (the device): no per-unit host
+            # arithmetic on [P] vectors while the device waits
+            sums = {k: torch.zeros(numel, dtype=torch.float64, device=v.device)
+                    for k, v in named.items()}
+            if keep:
+                vectors = {k: torch.empty(n_units, numel) for k in named}
+        for k, v in named.items():
+            sums[k] += v
+            if keep:
+                vectors[k][u].copy_(v)
+        stats.append(grad.stats)
+    sequences = torch.cat([layout.sequences(u) for u in range(n_units)])
+    return GradientShard(vectors=vectors, sums={k: v.cpu() for k, v in sums.items()},
+                         stats=SequenceStats.cat(stats).cpu(), sequences=sequences,
+                         units=n_units, forward_grad=forward, backward=backward)
 
 
-def reduce_gradients(shards: list[GradientShard]) -> UnitMeans:
-    """X̄ and Ȳ over every unit of every shard."""
+def reduce_stats(shards: list[GradientShard], num_sequences: int) -> SequenceStats:
+    """Every sequence's statistics, in batch order."""
+    stats = SequenceStats.cat([s.stats for s in shards])
+    order = torch.empty(num_sequences, dtype=torch.long)
+    order[torch.cat([s.sequences for s in shards])] = torch.arange(num_sequences)
+    return stats.rows(order)
+
+
+def reduce_gradients(shards: list[GradientShard], scalars: EntropyScalars) -> UnitMeans:
+    """X̄ and Ȳ over every unit of every shard, the batch scalars applied."""
     units = sum(s.units for s in shards)
-    return UnitMeans(x_bar=sum(s.x_sum for s in shards) / units,
-                     y_bar=sum(s.y_sum for s in shards) / units)
+    total = {k: sum(s.sums[k] for s in shards) for k in shards[0].sums}
+    x_sum = scalars.entropy_vector(total["entropy"].clone(), total.get("length"))
+    return UnitMeans(x_bar=x_sum / units, y_bar=total[UPDATE] / units)
 
 
-def map_unit_dots(shard: GradientShard, step: AdamWStep, means: UnitMeans) -> UnitDots:
+def unit_vectors(shard: GradientShard, scalars: EntropyScalars
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """X_u, Y_u [U_s, P] fp32 of a shard that kept its vectors. X is formed in place from
+    X^seq_u and N_u (no second [U, P] copy) and replaces them under the name "x"."""
+    v = shard.vectors
+    if "x" not in v:
+        v["x"] = scalars.entropy_vector(v.pop("entropy"), v.pop("length", None))
+    return v["x"], v[UPDATE]
+
+
+def map_unit_dots(shard: GradientShard, step: AdamWStep, means: UnitMeans,
+                  scalars: EntropyScalars) -> UnitDots:
     """The shard's rows of the unit dots, from its kept unit vectors."""
-    if shard.unit_x is None:
+    if shard.vectors is None:
         raise ValueError("the shard kept no unit vectors: recompute them (probe.py)")
-    return unit_dots(shard.unit_x, shard.unit_y, step, means)
+    x, y = unit_vectors(shard, scalars)
+    return unit_dots(x, y, step, means)

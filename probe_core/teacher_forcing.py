@@ -1,6 +1,8 @@
-"""Sequence log-probabilities S = Σ_response log softmax(z/τ)[token], chunked so that logits
-never exist as a full fp32 [tokens, vocab] tensor: the LM head and cross-entropy run over token
-chunks, and with grad each chunk is recomputed in backward (activation checkpointing)."""
+"""Per-token log-probabilities log π_τ(y_t | y_<t) and full-vocabulary entropies
+h_t = logsumexp(z/τ) − Σ_a π_a z_a/τ, chunked so that logits never exist as a full fp32
+[tokens, vocab] tensor: the LM head, cross-entropy and entropy run over token chunks, and with
+grad each chunk is recomputed in backward (activation checkpointing). Sequence sums: S = Σ_t
+log π, f = Σ_t h_t."""
 
 from __future__ import annotations
 
@@ -17,15 +19,29 @@ from probe_core.rollouts import Batch
 LOGIT_CHUNK_ELEMENTS = 1 << 24   # ≤ 64 MiB of fp32 logits per token chunk
 
 
-def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                    temperature: float, softcap: float | None) -> torch.Tensor:
-    """log softmax(head(hidden)/τ)[target] for [k, d] hidden states. Returns [k] fp32."""
+@dataclass
+class LogitScale:
+    """How logits become the sampling distribution: z → softcap·tanh(z/softcap) (Gemma-2
+    style, when set), then / τ."""
+
+    temperature: float
+    softcap: float | None
+
+
+def _head_outputs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                  scale: LogitScale, entropy: bool):
+    """For [k, d] hidden states: log softmax(z/τ)[target] [k] fp32, and with `entropy` also
+    h = −Σ_a π_a log π_a [k] fp32 (else None)."""
     logits = head(hidden).float()                                     # [k, V]
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    if temperature != 1.0:        # x/1 == x exactly: skip a [k, V] pass at τ = 1
-        logits = logits / temperature
-    return -F.cross_entropy(logits, targets, reduction="none")
+    if scale.softcap:
+        logits = scale.softcap * torch.tanh(logits / scale.softcap)
+    if scale.temperature != 1.0:        # x/1 == x exactly: skip a [k, V] pass at τ = 1
+        logits = logits / scale.temperature
+    logprob = -F.cross_entropy(logits, targets, reduction="none")
+    if not entropy:
+        return logprob, None
+    log_p = torch.log_softmax(logits, dim=-1)                         # [k, V]
+    return logprob, -(log_p.exp() * log_p).sum(-1)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -65,7 +81,7 @@ class TeacherForcer:
         lm = causal_lm(model)
         self.decoder = getattr(lm, lm.base_model_prefix)
         self.head = lm.get_output_embeddings()
-        self.softcap = getattr(lm.config, "final_logit_softcapping", None)
+        self.scale = LogitScale(temperature, getattr(lm.config, "final_logit_softcapping", None))
         self.batch, self.temperature, self.device = batch, temperature, device
         self.autocast_dtype = autocast_dtype
         self.vocab = self.head.weight.shape[0]
@@ -96,8 +112,8 @@ class TeacherForcer:
                            owner=to_device(sel // max(width, 1), dev), rows=len(rows),
                            prompt_width=p, response_width=width)
 
-    def logprobs(self, rows: torch.Tensor, *, grad: bool) -> torch.Tensor:
-        """S for the given sequence indices. Returns [n] fp32 on the device (with a graph to the
+    def tokens(self, rows: torch.Tensor, *, grad: bool, entropy: bool = False) -> TokenOutputs:
+        """Per response token of the given sequences, on the device (with a graph to the
         trainable parameters when grad=True)."""
         x = self.chunk_inputs(rows)
         p, width = x.prompt_width, x.response_width
@@ -107,36 +123,87 @@ class TeacherForcer:
                                   position_ids=x.position_ids, use_cache=False).last_hidden_state
             # position t predicts token t+1: hidden at P'-1 … P'+L'-2 scores response tokens
             h = hidden[:, p - 1:p - 1 + width].flatten(0, 1)[x.response_index]   # [M, d]
-            token_lp = self._chunked_logprobs(h, x.targets, grad)        # [M]
-        s = torch.zeros(x.rows, dtype=torch.float32, device=self.device)
-        return s.index_add(0, x.owner, token_lp)
+            logprob, ent = self._chunked_head(h, x.targets, grad, entropy)       # [M] each
+        return TokenOutputs(logprob=logprob, entropy=ent, owner=x.owner, rows=x.rows)
 
-    def _chunked_logprobs(self, h: torch.Tensor, targets: torch.Tensor, grad: bool):
+    def logprobs(self, rows: torch.Tensor, *, grad: bool) -> torch.Tensor:
+        """S for the given sequence indices. Returns [n] fp32 on the device."""
+        return self.tokens(rows, grad=grad).sequence_sum("logprob")
+
+    def _chunked_head(self, h: torch.Tensor, targets: torch.Tensor, grad: bool, entropy: bool):
         step = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab)
-        parts = []
+        logprobs, entropies = [], []
         for i in range(0, h.shape[0], step):
-            args = (self.head, h[i:i + step], targets[i:i + step], self.temperature,
-                    self.softcap)
+            args = (self.head, h[i:i + step], targets[i:i + step], self.scale, entropy)
             if grad:
-                parts.append(checkpoint(_token_logprobs, *args, use_reentrant=False))
+                lp, ent = checkpoint(_head_outputs, *args, use_reentrant=False)
             else:
-                parts.append(_token_logprobs(*args))
-        return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+                lp, ent = _head_outputs(*args)
+            logprobs.append(lp)
+            entropies.append(ent)
+        if not logprobs:
+            empty = h.new_zeros(0, dtype=torch.float32)
+            return empty, (empty if entropy else None)
+        return torch.cat(logprobs), (torch.cat(entropies) if entropy else None)
+
+
+@dataclass
+class TokenOutputs:
+    """One chunk's response tokens, on the device.
+
+    Fields: logprob [M] fp32 log π_τ(y_t | y_<t); entropy [M] fp32 h_t, or None when not asked
+    for; owner [M] long, the chunk row of each token (tokens of a row are contiguous and in
+    order); rows: n.
+    """
+
+    logprob: torch.Tensor
+    entropy: torch.Tensor | None
+    owner: torch.Tensor
+    rows: int
+
+    def sequence_sum(self, field: str) -> torch.Tensor:
+        """Σ over each row's tokens of `logprob` or `entropy`, [n] fp32."""
+        values = getattr(self, field)
+        return values.new_zeros(self.rows).index_add(0, self.owner, values)
+
+
+@dataclass
+class SequenceValues:
+    """No-grad sums for every sequence of the batch, on the host.
+
+    Fields: logprob S [N] fp32; entropy f = Σ_t h_t [N] fp32, or None when not asked for."""
+
+    logprob: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def sequence_values(forcer: TeacherForcer, chunks: list[torch.Tensor], entropy: bool,
+                    on_chunk=None) -> SequenceValues:
+    """No-grad S (and f) for the sequences in `chunks`, chunk by chunk, into [N] host tensors
+    (rows not in any chunk stay 0). The chunks' results stay on the device until the end: one
+    transfer, no synchronisation per chunk."""
+    n = forcer.batch.num_sequences
+    lps, ents = [], []
+    for k, rows in enumerate(chunks):
+        tokens = forcer.tokens(rows, grad=False, entropy=entropy)
+        lps.append(tokens.sequence_sum("logprob"))                        # [n] device
+        if entropy:
+            ents.append(tokens.sequence_sum("entropy"))
+        if on_chunk:
+            on_chunk(k + 1, len(chunks))
+    out = SequenceValues(logprob=torch.zeros(n), entropy=torch.zeros(n) if entropy else None)
+    if lps:
+        rows = torch.cat(chunks)
+        out.logprob[rows] = torch.cat(lps).cpu()
+        if entropy:
+            out.entropy[rows] = torch.cat(ents).cpu()
+    return out
 
 
 def all_logprobs(forcer: TeacherForcer, chunks: list[torch.Tensor], on_chunk=None
                  ) -> torch.Tensor:
-    """No-grad S for every sequence, chunk by chunk. Returns [N] fp32 on the host. The chunks'
-    results stay on the device until the end: one transfer, no synchronisation per chunk."""
-    out = torch.empty(forcer.batch.num_sequences, dtype=torch.float32)
-    parts = []
-    for k, rows in enumerate(chunks):
-        parts.append(forcer.logprobs(rows, grad=False))                   # [n] device
-        if on_chunk:
-            on_chunk(k + 1, len(chunks))
-    if parts:
-        out[torch.cat(chunks)] = torch.cat(parts).cpu()
-    return out
+    """No-grad S for every sequence, chunk by chunk. Returns [N] fp32 on the host."""
+    return sequence_values(forcer, chunks, False, on_chunk).logprob
 
 
 def all_logprobs_subset(forcer: TeacherForcer, rows: torch.Tensor, size: int) -> torch.Tensor:

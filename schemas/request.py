@@ -128,6 +128,20 @@ class EstimatorSpec(_Strict):
     block_size: int = Field(4, ge=1, le=4096)
 
 
+class EntropySpec(_Strict):
+    normalization: Literal["token_mean", "sequence"] = Field(
+        "token_mean", description="token_mean: E[Σ_t h_t]/E[T], what TRL's `entropy` and "
+        "verl's `actor/entropy` log; sequence: nats per response, E[Σ_t h_t].")
+    estimator: Literal["full_vocabulary", "sampled"] = Field(
+        "full_vocabulary", description="full_vocabulary: h_t is the entropy of the whole "
+        "next-token distribution (lower variance); sampled: −log π of the sampled token.")
+
+
+class ReportSpec(_Strict):
+    per_prompt: bool = Field(False, description="Add per prompt: h_before, its δH₁ "
+                             "contribution (its unit's row) and its realized ΔH.")
+
+
 class OptimizerOverrides(_Strict):
     lr: float | None = Field(None, ge=0.0, le=10.0)
     max_grad_norm: float | None = Field(None, gt=0.0)
@@ -170,6 +184,8 @@ class ProbeRequest(_Strict):
     reward: RewardSpec = Field(default_factory=RewardSpec)
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     estimator: EstimatorSpec = Field(default_factory=EstimatorSpec)
+    entropy: EntropySpec = Field(default_factory=EntropySpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
     optimizer_overrides: OptimizerOverrides = Field(default_factory=OptimizerOverrides)
     realized: RealizedSpec = Field(default_factory=RealizedSpec)
     memory: MemorySpec = Field(default_factory=MemorySpec)

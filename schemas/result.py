@@ -130,6 +130,23 @@ class Environment(_Out):
     entropy_probe: str
 
 
+class EntropyKind(_Out):
+    normalization: str = Field(description="token_mean (nats per token) or sequence (nats per "
+                               "response): the unit of h_before, h_after, delta_h, delta_h1.")
+    estimator: str = Field(description="full_vocabulary or sampled.")
+    temperature: float
+
+
+class PromptRow(_Out):
+    index: int = Field(description="The prompt's position in the batch.")
+    unit: int = Field(description="Its unit (itself in exact mode, its block in blocks mode).")
+    h_before: float | None = Field(description="Its own entropy estimate Ĥ_n(θ).")
+    delta_h1: float = Field(description="Its unit's contribution to delta_h1 (their mean over "
+                            "units is delta_h1.total).")
+    delta_h: float | None = Field(description="Its own realized ΔH_n (SNIS within the prompt, "
+                                  "the real step).")
+
+
 class CheckpointEcho(_Out):
     base_model: str | None = Field(description="As requested (null: the adapter config's base).")
     adapter: str | None
@@ -137,6 +154,7 @@ class CheckpointEcho(_Out):
 
 class ProbeResult(_Out):
     delta_h1: DeltaH1
+    entropy: EntropyKind | None = None
     realized: Realized | None
     batch: BatchSummary
     proxies: Proxies
@@ -147,6 +165,7 @@ class ProbeResult(_Out):
     environment: Environment
     updated_adapter: str | None = None
     warnings: list[str] = Field(default_factory=list)
+    per_prompt: list[PromptRow] | None = Field(None, description="With report.per_prompt.")
     checkpoint: CheckpointEcho | None = Field(
         None, description="The checkpoint paths probed; /ui and `report` group the jobs of one "
         "run by the adapter's parent directory.")

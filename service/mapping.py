@@ -28,6 +28,9 @@ def to_spec(req: ProbeRequest, *, host_budget_bytes: int) -> core.ProbeSpec:
         reward_kind=req.reward.kind,
         objective=core.ObjectiveSpec(**req.objective.model_dump()),
         estimator=core.EstimatorSpec(**req.estimator.model_dump()),
+        entropy=core.EntropySpec(normalization=req.entropy.normalization,
+                                 estimator=req.entropy.estimator),
+        report=core.ReportSpec(per_prompt=req.report.per_prompt),
         lr_override=req.optimizer_overrides.lr,
         max_grad_norm=req.optimizer_overrides.max_grad_norm,
         realized=core.RealizedSpec(**req.realized.model_dump()),
@@ -104,6 +107,9 @@ def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None) 
                 se_plugin=_finite(u.se_plugin), zeta1_plugin=_finite(u.zeta1_plugin),
                 se_jackknife=_finite(u.se_jackknife),
                 zeta1_jackknife=_finite(u.zeta1_jackknife))),
+        entropy=wire.EntropyKind(normalization=out.entropy.normalization,
+                                 estimator=out.entropy.estimator,
+                                 temperature=out.entropy.temperature),
         realized=_realized(out),
         batch=wire.BatchSummary(**{**dataclasses.asdict(out.batch),
                                    "reward_mean": _num(out.batch.reward_mean),
@@ -126,4 +132,17 @@ def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None) 
                                      peft=_version("peft"),
                                      entropy_probe=_version("entropy-probe")),
         updated_adapter=out.updated_adapter,
-        warnings=out.warnings, **_checkpoint(checkpoint))
+        warnings=out.warnings, per_prompt=_per_prompt(out), **_checkpoint(checkpoint))
+
+
+def _per_prompt(out: ProbeOutcome) -> list[wire.PromptRow] | None:
+    view = out.per_prompt
+    if view is None:
+        return None
+
+    def at(values, n: int) -> float | None:
+        return None if values is None else _finite(float(values[n]))
+
+    return [wire.PromptRow(index=n, unit=int(view.unit[n]), h_before=at(view.h_before, n),
+                           delta_h1=_num(float(view.delta_h1[n])), delta_h=at(view.delta_h, n))
+            for n in range(len(view.unit))]

@@ -112,6 +112,17 @@ def sampled_rollouts(model, tok, prompt_texts: list[str], group_size: int, max_n
     return out
 
 
+def response_moments(model, prompt: list[int], responses: list[list[int]],
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """H_n = −Σ_r π(r) log π(r) and E_n[T] = Σ_r π(r)·len(r) over every response, both
+    differentiable in the parameters (float64 scalars)."""
+    s = response_logprobs(model, prompt, responses, temperature)
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.float64)
+    p = s.exp()
+    return -(p * s).sum(), (p * lengths).sum()
+
+
+
 def token_terms(model, prompt: list[int], response: list[int], temperature: float = 1.0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per response token: log π_τ(y_t | y_<t) and the full next-token entropy h_t at τ, both

@@ -1,6 +1,7 @@
-"""The one-backward `hooks` gradient path equals two autograd.grad calls (`two_backward`).
+"""The one-backward-per-objective `hooks` gradient path equals one autograd.grad per weighted
+row (`two_backward`).
 
-X_u = Σ c^X ∇S and Y_u = Σ c^Y ∇S per unit, on tiny real checkpoints, with responses of
+Every unit summary (X^seq_u, N_u, Y_u; sampled and full-vocabulary) on tiny real checkpoints, with responses of
 different lengths, EOS in the middle of a response (tokens after it are not part of S), the pad
 id sampled as an ordinary token, a tokenizer whose pad equals EOS, chunks that split a unit, and
 blocks mode; then the whole probe with either method.
@@ -15,12 +16,13 @@ import pytest
 import torch
 
 from probe_core.checkpoint import ModelCache, open_checkpoint
+from probe_core.estimators.base import contiguous_layout
 from probe_core.gradients import FlatParams, GradientAccumulator
 from probe_core.probe import run_probe
 from probe_core.rollouts import from_client
-from probe_core.spec import (CheckpointSpec, ClientRollout, EstimatorSpec, GenerationSpec,
-                             ProbeSpec, RealizedSpec, RuntimeOptions)
-from probe_core.estimators.base import contiguous_layout
+from probe_core.spec import (CheckpointSpec, ClientRollout, EntropySpec, EstimatorSpec,
+                             GenerationSpec, ProbeSpec, RealizedSpec, RuntimeOptions)
+from probe_core.summaries import UPDATE, SummaryPlan
 from probe_core.teacher_forcing import TeacherForcer
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
 
@@ -72,33 +74,41 @@ def _loaded(ckpt, num_prompts: int, temperature: float):
         yield ck, batch, forcer, FlatParams.of([p for _, p in ck.params])
 
 
-def _unit_vectors(ckpt, method: str, per_unit: int, microbatch: int):
+def _unit_vectors(ckpt, method: str, per_unit: int, microbatch: int, kind: EntropySpec):
+    """Every unit summary (stacked [U, P] per name), the backwards run, the sequence count."""
     with _loaded(ckpt, 4, 0.8) as (ck, batch, forcer, flat):
         assert batch.lengths.min() < batch.lengths.max()
         acc = GradientAccumulator(forcer, ck.model, flat, method)
         assert acc.method == method
         gen = torch.Generator().manual_seed(1)
-        c_x = torch.randn(batch.num_sequences, generator=gen, dtype=torch.float64)
         c_y = torch.randn(batch.num_sequences, generator=gen, dtype=torch.float64)
-        xs, ys, backs = [], [], 0
-        for chunks in contiguous_layout(batch.num_prompts, G, per_unit).chunks(microbatch):
-            grad = acc.unit(chunks, c_x, c_y)
-            xs.append(grad.x.clone())
-            ys.append(grad.y.clone())
+        plan = SummaryPlan(kind, {UPDATE: c_y}, G)
+        layout = contiguous_layout(batch.num_prompts, G, per_unit)
+        out, backs = {}, 0
+        for u, chunks in enumerate(layout.chunks(microbatch)):
+            grad = acc.unit(chunks, plan, layout.prompt_weight[layout.prompts[u]])
+            for name, v in grad.summary.vectors().items():
+                out.setdefault(name, []).append(v.clone())
             backs += grad.backward
-        return torch.stack(xs), torch.stack(ys), backs, batch.num_sequences
+        return {k: torch.stack(v) for k, v in out.items()}, backs, batch.num_sequences
 
 
+KINDS = [EntropySpec("sequence", "sampled"), EntropySpec("token_mean", "full_vocabulary")]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=["sequence-sampled", "token_mean-full"])
 @pytest.mark.parametrize("per_unit,microbatch", [(1, 3), (1, 4), (2, 3)],
                          ids=["exact-split", "exact-whole", "blocks-split"])
-def test_hooks_equal_two_backward(ckpt, per_unit, microbatch):
-    xh, yh, back_h, n = _unit_vectors(ckpt, "hooks", per_unit, microbatch)
-    xt, yt, back_t, _ = _unit_vectors(ckpt, "two_backward", per_unit, microbatch)
-    assert xh.shape == xt.shape and xh.shape[0] == 4 // per_unit
-    assert xt.abs().max() > 0 and yt.abs().max() > 0
-    torch.testing.assert_close(xh, xt, rtol=1e-5, atol=1e-6 * float(xt.abs().max()))
-    torch.testing.assert_close(yh, yt, rtol=1e-5, atol=1e-6 * float(yt.abs().max()))
-    assert back_h == n and back_t == 2 * n
+def test_hooks_equal_two_backward(ckpt, per_unit, microbatch, kind):
+    hooks, back_h, n = _unit_vectors(ckpt, "hooks", per_unit, microbatch, kind)
+    ref, back_t, _ = _unit_vectors(ckpt, "two_backward", per_unit, microbatch, kind)
+    assert set(hooks) == set(ref) and len(ref) == (2 if kind.normalization == "sequence" else 3)
+    for name, want in ref.items():
+        assert want.shape[0] == 4 // per_unit and want.abs().max() > 0, name
+        torch.testing.assert_close(hooks[name], want, rtol=1e-5,
+                                   atol=1e-6 * float(want.abs().max()))
+    backwards_per_sequence = 1 if kind.estimator == "sampled" else 2
+    assert back_h == backwards_per_sequence * n and back_t > back_h
 
 
 def test_hooks_apply_only_where_every_parameter_is_a_lora_linear(ckpt):
@@ -135,7 +145,7 @@ def test_probe_numbers_do_not_depend_on_the_gradient_method(ckpt, mode):
                                                      abs=1e-12)
     assert h.realized.main[1].delta_h == pytest.approx(t.realized.main[1].delta_h, rel=1e-3,
                                                        abs=1e-7)
-    assert h.passes.backward * 2 == t.passes.backward
+    assert h.passes.backward < t.passes.backward
 
 
 def test_hooks_backward_stops_at_the_lora_a_outputs(ckpt):
@@ -167,15 +177,16 @@ def test_hooks_on_plain_linear_weights_equal_two_backward(ckpt):
     batch, _ = from_client(_rollouts(tok, 2), tok, model, "raw")
     forcer = TeacherForcer(model, batch, 1.0, torch.device("cpu"), None)
     flat = FlatParams.of(params)
-    c_x = torch.linspace(-1, 1, batch.num_sequences, dtype=torch.float64)
     c_y = torch.linspace(2, -1, batch.num_sequences, dtype=torch.float64)
+    plan = SummaryPlan(EntropySpec("token_mean", "full_vocabulary"), {UPDATE: c_y}, G)
     chunks = contiguous_layout(batch.num_prompts, G, 1).chunks(3)[0]
     hooks = GradientAccumulator(forcer, model, flat, "hooks")
     with hooks.capture:
         forcer.logprobs(chunks[0], grad=True)
     assert all(isinstance(t, torch.nn.Parameter) for t in hooks.capture.backward_inputs())
-    h = hooks.unit(chunks, c_x, c_y)
-    t = GradientAccumulator(forcer, model, flat, "two_backward").unit(chunks, c_x, c_y)
-    xh, yh, xt, yt = h.x, h.y, t.x, t.y
-    torch.testing.assert_close(xh, xt, rtol=1e-5, atol=1e-6 * float(xt.abs().max()))
-    torch.testing.assert_close(yh, yt, rtol=1e-5, atol=1e-6 * float(yt.abs().max()))
+    weight = torch.ones(1, dtype=torch.float64)
+    h = hooks.unit(chunks, plan, weight).summary.vectors()
+    t = GradientAccumulator(forcer, model, flat, "two_backward").unit(chunks, plan,
+                                                                       weight).summary.vectors()
+    for name, want in t.items():
+        torch.testing.assert_close(h[name], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))

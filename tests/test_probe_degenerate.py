@@ -14,9 +14,11 @@ from exact_world import load_policy, sampled_rollouts
 from probe_core.checkpoint import ModelCache
 from probe_core.errors import DegenerateBatch
 from probe_core.probe import run_probe
-from probe_core.spec import (CheckpointSpec, ClientRollout, EstimatorSpec, GenerationSpec,
-                             ProbeSpec, RealizedSpec)
+from probe_core.spec import (CheckpointSpec, ClientRollout, EntropySpec, EstimatorSpec,
+                             GenerationSpec, ProbeSpec, RealizedSpec)
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
+
+FIRST_ROUND = EntropySpec(normalization="sequence", estimator="sampled")
 from service.mapping import to_result
 
 
@@ -34,7 +36,8 @@ def _rollouts(rewards: list[list[float]]) -> list[ClientRollout]:
 
 def _run(ckpt, rewards, **kw):
     base, adapter = ckpt
-    spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=_rollouts(rewards),
+    spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), entropy=FIRST_ROUND,
+                     rollouts=_rollouts(rewards),
                      reward_kind="provided", responses_per_prompt=len(rewards[0]),
                      generation=GenerationSpec(max_new_tokens=4), **kw)
     out = run_probe(spec)
@@ -93,7 +96,8 @@ def test_jackknife_se_is_calibrated_over_seeds(ckpt):
     for seed in range(40):
         rollouts = sampled_rollouts(model, tok, ["ab", "cd", "e", "bad"] * 4, 4, 3, seed,
                                     lambda r: float(a_id in r))
-        spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=rollouts,
+        spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), entropy=FIRST_ROUND,
+                         rollouts=rollouts,
                          reward_kind="provided", responses_per_prompt=4,
                          generation=GenerationSpec(max_new_tokens=3), microbatch_size=4,
                          realized=RealizedSpec(enabled=False))

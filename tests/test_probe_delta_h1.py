@@ -11,9 +11,11 @@ import torch
 
 from exact_world import flat_grad, load_policy, sequence_logprob
 from probe_core.probe import run_probe
-from probe_core.spec import (CheckpointSpec, ClientRollout, EstimatorSpec, GenerationSpec,
-                             ProbeSpec, RealizedSpec, RuntimeOptions)
+from probe_core.spec import (CheckpointSpec, ClientRollout, EntropySpec, EstimatorSpec,
+                             GenerationSpec, ProbeSpec, RealizedSpec, RuntimeOptions)
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
+
+FIRST_ROUND = EntropySpec(normalization="sequence", estimator="sampled")
 
 G = 3
 MAX_NEW = 10
@@ -42,7 +44,8 @@ def _rollouts(tok) -> list[ClientRollout]:
 def _spec(ckpt, tok, *, mode="exact", block=2, clip=None, save=None) -> ProbeSpec:
     root, base, adapter = ckpt
     return ProbeSpec(
-        checkpoint=CheckpointSpec(base, adapter), rollouts=_rollouts(tok), reward_kind="provided",
+        checkpoint=CheckpointSpec(base, adapter), entropy=FIRST_ROUND,
+        rollouts=_rollouts(tok), reward_kind="provided",
         responses_per_prompt=G, generation=GenerationSpec(max_new_tokens=MAX_NEW),
         estimator=EstimatorSpec(mode=mode, block_size=block), max_grad_norm=clip,
         microbatch_size=2, realized=RealizedSpec(lr_multipliers=[1.0]),
@@ -164,10 +167,11 @@ def test_delta_h1_equals_brute_force(ckpt, tmp_path, mode, block, clip):
                          for p in load_policy(ckpt[1], saved)[2]])
     torch.testing.assert_close(stepped - bf.theta, bf.delta, rtol=1e-4, atol=2e-7)
     torch.testing.assert_close(bf.torch_adamw_delta(), bf.delta, rtol=1e-4, atol=2e-7)
-    # pass schedule: per sequence 1 grad forward, 1 backward (hooks), 1 + 1 no-grad forwards
+    # pass schedule: per sequence 1 grad forward, 1 backward (hooks, sampled), 1 no-grad
+    # forward per lr multiplier (S comes from the gradient forward)
     n_seq = len(PROMPTS) * G
-    assert (out.passes.forward_grad, out.passes.forward_no_grad) == (n_seq, 2 * n_seq)
-    assert out.passes.backward <= 2 * n_seq
+    assert (out.passes.forward_grad, out.passes.forward_no_grad) == (n_seq, n_seq)
+    assert out.passes.backward == n_seq
 
 
 def test_naive_preconditioner_is_not_the_adamw_step(ckpt):

@@ -16,8 +16,11 @@ import torch
 from exact_world import (exact_entropy, exact_reward, flat_grad, load_policy,
                          sampled_rollouts, value_at)
 from probe_core.probe import run_probe
-from probe_core.spec import CheckpointSpec, GenerationSpec, ProbeSpec, RealizedSpec
+from probe_core.spec import (CheckpointSpec, EntropySpec, GenerationSpec, ProbeSpec,
+                             RealizedSpec)
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
+
+FIRST_ROUND = EntropySpec(normalization="sequence", estimator="sampled")
 
 WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.3, seed=5)
 DISTINCT = ["ab", "cd", "e", "bad"]
@@ -57,7 +60,8 @@ def world(tmp_path_factory) -> World:
     eos, a_id = tok.eos_token_id, tok.convert_tokens_to_ids("a")
     rollouts = sampled_rollouts(model, tok, DISTINCT * COPIES, G, MAX_NEW, seed=7,
                                 reward_fn=lambda r: reward(r, a_id))
-    spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=rollouts,
+    spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), entropy=FIRST_ROUND,
+                     rollouts=rollouts,
                      reward_kind="provided", responses_per_prompt=G,
                      generation=GenerationSpec(max_new_tokens=MAX_NEW), lr_override=LR,
                      realized=RealizedSpec(lr_multipliers=MULTIPLIERS), microbatch_size=4,

@@ -11,7 +11,7 @@ import torch
 
 from exact_world import load_policy
 from probe_core.checkpoint import ModelCache
-from probe_core.importance import psis_k, snis
+from probe_core.importance import EntropySample, psis_k, snis
 from probe_core.probe import run_probe
 from probe_core.spec import CheckpointSpec, GenerationSpec, ProbeSpec, RealizedSpec
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
@@ -33,19 +33,36 @@ def test_psis_k_is_small_for_light_tails_and_none_for_equal_weights():
     assert psis_k(torch.zeros(1000)) is None
 
 
+def _samples(s, s_after, value, value_after, length):
+    return (EntropySample(value=value, length=length, log_weight=torch.zeros_like(s)),
+            EntropySample(value=value_after, length=length, log_weight=s_after - s))
+
+
 def test_snis_matches_direct_ratio_and_normalizations():
+    """Sequence + sampled (f = −S, L = 1) is the first round's −Σŵ S⁺; token_mean with
+    full-vocabulary values is Σ w f⁺ / Σ w T; per_prompt is the ratio of prompt means."""
     gen = torch.Generator().manual_seed(3)
     s = -3 + torch.randn(8, 5, generator=gen, dtype=torch.float64)
     s_after = s + 0.2 * torch.randn(8, 5, generator=gen, dtype=torch.float64)
     w = torch.exp(s_after - s)
-    glob = snis(s, s_after, "global", psis=True)
+    ones = torch.ones_like(s)
+    glob = snis(*_samples(s, s_after, -s, -s_after, ones), "global", psis=True)
     assert math.isclose(glob.h_after, float(-(w * s_after).sum() / w.sum()), rel_tol=1e-12)
     assert math.isclose(glob.delta_h, glob.h_after + float(s.mean()), rel_tol=1e-12)
     assert math.isclose(glob.ess, float(w.sum() ** 2 / (w * w).sum()), rel_tol=1e-12)
-    per = snis(s, s_after, "per_prompt", psis=False)
+    per = snis(*_samples(s, s_after, -s, -s_after, ones), "per_prompt", psis=False)
     want = float((-(w * s_after).sum(1) / w.sum(1)).mean())
     assert math.isclose(per.h_after, want, rel_tol=1e-12)
     assert per.psis_k is None
+    t = torch.randint(1, 9, (8, 5), generator=gen).double()
+    f, f_after = 0.7 * t, 0.7 * t + 0.1 * torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    tok = snis(*_samples(s, s_after, f, f_after, t), "global", psis=False)
+    assert math.isclose(tok.h_after, float((w * f_after).sum() / (w * t).sum()), rel_tol=1e-12)
+    assert math.isclose(tok.delta_h, tok.h_after - float(f.sum() / t.sum()), rel_tol=1e-12)
+    tok_n = snis(*_samples(s, s_after, f, f_after, t), "per_prompt", psis=False)
+    num = ((w * f_after).sum(1) / w.sum(1)).mean()
+    den = ((w * t).sum(1) / w.sum(1)).mean()
+    assert math.isclose(tok_n.h_after, float(num / den), rel_tol=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,9 @@ class _Done:
             if r.realized.se is not None:
                 out[f"{PREFIX}delta_h_se"] = r.realized.se
             out[f"{PREFIX}ess_fraction"] = r.realized.ess_fraction
+            if r.entropy is not None and r.entropy.normalization == "token_mean":
+                # the checkpoint's token-mean entropy, beside TRL's own `entropy`
+                out[f"{PREFIX}entropy"] = r.realized.h_before
         return out
 
 
