@@ -178,37 +178,44 @@ class GradientAccumulator:
         acc_lp = torch.zeros(k * plan.num_rows, numel, dtype=torch.float32, device=dev)
         acc_pw = torch.zeros(k, numel, dtype=torch.float32, device=dev) if plan.pathwise \
             else None
+        acc_bonus = torch.zeros(k, numel, dtype=torch.float32, device=dev) if plan.bonus \
+            else None
         first = int(chunks[0][0])
         stats, backward = [], 0
         for rows in chunks:
             prompt = (rows - first) // g                                   # [n] in 0..k−1
             objectives, chunk_stats = self._forward(rows, plan)
             stats.append(chunk_stats)
-            targets = [(objectives[0], acc_lp,
+            targets = [(objectives["logprob"], acc_lp,
                         plan.logprob_weights(chunk_stats, rows, prompt, k))]
+            onehot = torch.zeros(k, len(rows), device=dev)
+            onehot[prompt.to(dev), torch.arange(len(rows), device=dev)] = 1.0       # [k, n]
             if plan.pathwise:
-                onehot = torch.zeros(k, len(rows), device=dev)
-                onehot[prompt.to(dev), torch.arange(len(rows), device=dev)] = 1.0   # [k, n]
-                targets.append((objectives[1], acc_pw, onehot))
+                targets.append((objectives["pathwise"], acc_pw, onehot))
+            if plan.bonus:
+                targets.append((objectives["bonus"], acc_bonus, onehot))
             backward += self._backward(targets) * len(rows)
             if on_chunk:
                 on_chunk()
         unit_stats = SequenceStats.cat(stats)
         summary = plan.combine(acc_lp.view(k, plan.num_rows, numel), acc_pw, unit_stats,
-                               prompt_weight.to(dev, torch.float32))
+                               prompt_weight.to(dev, torch.float32), acc_bonus)
         n_seq = sum(len(c) for c in chunks)
         return UnitGradient(summary=summary, stats=unit_stats, forward_grad=n_seq,
                             backward=backward)
 
     def _forward(self, rows: torch.Tensor, plan: SummaryPlan):
-        """The chunk's objectives with a graph ([S] or [S, F], [n] each) and its statistics."""
+        """The chunk's objectives with a graph, by name ("logprob" S, "pathwise" F, "bonus"
+        Σ_t h_t; [n] each) and its statistics."""
         with self.capture if self.capture is not None else contextlib.nullcontext():
-            tokens = self.forcer.tokens(rows, grad=True, entropy=plan.pathwise)
+            tokens = self.forcer.tokens(rows, grad=True, entropy=plan.pathwise or plan.bonus)
         if self.capture is not None:
             self.inputs = self.capture.backward_inputs()
-        objectives = [tokens.sequence_sum("logprob")]
+        objectives = {"logprob": tokens.sequence_sum("logprob")}
         if plan.pathwise:
-            objectives.append(pathwise_objective(tokens))
+            objectives["pathwise"] = pathwise_objective(tokens)
+        if plan.bonus:
+            objectives["bonus"] = tokens.sequence_sum("entropy")
         return objectives, sequence_stats(tokens, plan.spec)
 
     def _backward(self, targets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> int:
