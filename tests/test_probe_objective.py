@@ -5,6 +5,8 @@ torch.optim.AdamW step on the loss written out token by token as TRL's GRPOTrain
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -116,3 +118,34 @@ def test_saved_step_is_adamw_on_trls_loss(ckpt, tmp_path, loss_type, scale_rewar
     n_seq = len(PROMPTS) * G                       # one more backward only for the bonus
     assert out.passes.backward == n_seq * (1 + (estimator == "full_vocabulary") + (coef != 0))
     assert (out.reward.entropy_bonus_term != 0) == (coef != 0)
+
+
+def test_reward_side_is_the_same_when_units_are_recomputed(ckpt):
+    """Over the host budget the unit vectors are recomputed for their dots: δJ₁, the bonus
+    term, the exchange rate and the coefficient for a target come out the same."""
+    base, adapter = ckpt
+    tok = load_policy(base, adapter)[1]
+
+    def probe(budget: int):
+        spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=_rollouts(tok),
+                         reward_kind="provided", responses_per_prompt=G,
+                         generation=GenerationSpec(max_new_tokens=MAX_NEW),
+                         objective=ObjectiveSpec(length_norm="token_mean", entropy_coef=0.3,
+                                                 target_delta_h=0.0),
+                         realized=RealizedSpec(enabled=False), host_budget_bytes=budget)
+        return run_probe(spec)
+
+    kept, streamed = probe(8 << 30), probe(0)
+    assert kept.unit_x is not None and streamed.unit_x is None
+    a, b = kept.reward, streamed.reward
+    for x, y in [(a.delta_j1.total, b.delta_j1.total), (a.delta_j1.se, b.delta_j1.se),
+                 (a.delta_j1.entropy_bonus_term, b.delta_j1.entropy_bonus_term),
+                 (a.entropy_bonus_term, b.entropy_bonus_term),
+                 (kept.delta_h1.gradient_term, streamed.delta_h1.gradient_term),
+                 (kept.delta_h1.total, streamed.delta_h1.total)]:
+        assert math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-12), (x, y)
+    assert (a.entropy_coef_for_target is None) == (b.entropy_coef_for_target is None)
+    if a.entropy_coef_for_target is not None:
+        assert math.isclose(a.entropy_coef_for_target.value, b.entropy_coef_for_target.value,
+                            rel_tol=1e-5)
+    assert a.entropy_bonus_term != 0.0
