@@ -48,7 +48,9 @@ def run_one(req: dict, device: str, threads: int, workdir: str) -> dict:
     req_path, out_path = os.path.join(workdir, "request.json"), os.path.join(workdir, "out.json")
     with open(req_path, "w") as f:
         json.dump(req, f)
-    env = dict(os.environ, ENTROPY_PROBE_DEVICE=device)
+    # `run` keeps the server's rules: the checkpoint must lie inside the checkpoint roots.
+    env = dict(os.environ, ENTROPY_PROBE_DEVICE=device, ENTROPY_PROBE_CHECKPOINT_ROOTS=
+               os.path.dirname(os.path.abspath(req["checkpoint"]["base_model"])))
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
