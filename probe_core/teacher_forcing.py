@@ -85,6 +85,8 @@ class TeacherForcer:
         self.batch, self.temperature, self.device = batch, temperature, device
         self.autocast_dtype = autocast_dtype
         self.vocab = self.head.weight.shape[0]
+        # the fused head needs no gradient of the head's own parameters
+        self.fused_head = not any(p.requires_grad for p in self.head.parameters())
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -112,9 +114,13 @@ class TeacherForcer:
                            owner=to_device(sel // max(width, 1), dev), rows=len(rows),
                            prompt_width=p, response_width=width)
 
-    def tokens(self, rows: torch.Tensor, *, grad: bool, entropy: bool = False) -> TokenOutputs:
-        """Per response token of the given sequences, on the device (with a graph to the
-        trainable parameters when grad=True)."""
+    def tokens(self, rows: torch.Tensor, *, grad: bool, entropy: bool = False,
+               fused: bool = True) -> TokenOutputs:
+        """Per response token of the given sequences, on the device. With grad=True the
+        decoder keeps its graph to the trainable parameters; the LM head is then either fused
+        (`head` holds ∂log π_t/∂hidden_t and ∂h_t/∂hidden_t, computed chunk by chunk in the
+        forward, so the backward never runs the head again) or, when the head itself has
+        trainable parameters, checkpointed inside the graph."""
         x = self.chunk_inputs(rows)
         p, width = x.prompt_width, x.response_width
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
@@ -123,12 +129,18 @@ class TeacherForcer:
                                   position_ids=x.position_ids, use_cache=False).last_hidden_state
             # position t predicts token t+1: hidden at P'-1 … P'+L'-2 scores response tokens
             h = hidden[:, p - 1:p - 1 + width].flatten(0, 1)[x.response_index]   # [M, d]
-            logprob, ent = self._chunked_head(h, x.targets, grad, entropy)       # [M] each
-        return TokenOutputs(logprob=logprob, entropy=ent, owner=x.owner, rows=x.rows)
+            if grad and fused and self.fused_head:
+                logprob, ent, head = self._fused_head(h, x.targets, entropy)
+            else:
+                logprob, ent = self._chunked_head(h, x.targets, grad, entropy)   # [M] each
+                head = None
+        return TokenOutputs(logprob=logprob, entropy=ent, owner=x.owner, rows=x.rows,
+                            head=head)
 
     def logprobs(self, rows: torch.Tensor, *, grad: bool) -> torch.Tensor:
-        """S for the given sequence indices. Returns [n] fp32 on the device."""
-        return self.tokens(rows, grad=grad).sequence_sum("logprob")
+        """S for the given sequence indices. Returns [n] fp32 on the device (with grad: a graph
+        through the checkpointed head, for callers that backward through S itself)."""
+        return self.tokens(rows, grad=grad, fused=False).sequence_sum("logprob")
 
     def _chunked_head(self, h: torch.Tensor, targets: torch.Tensor, grad: bool, entropy: bool):
         step = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab)
@@ -146,6 +158,42 @@ class TeacherForcer:
             return empty, (empty if entropy else None)
         return torch.cat(logprobs), (torch.cat(entropies) if entropy else None)
 
+    def _fused_head(self, h: torch.Tensor, targets: torch.Tensor, entropy: bool):
+        """The head on token chunks with its input-gradients taken at once (as fused linear
+        cross-entropy kernels do): log π [M], h [M] (detached) and HeadGradients."""
+        step = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab)
+        values: list[list[torch.Tensor]] = [[], [], [], []]     # lp, h, ∂lp/∂x, ∂h/∂x
+        with torch.enable_grad():
+            for i in range(0, h.shape[0], step):
+                x = h[i:i + step].detach().requires_grad_(True)             # [k, d]
+                lp, ent = _head_outputs(self.head, x, targets[i:i + step], self.scale, entropy)
+                outs = [lp] + ([ent] if entropy else [])
+                for k, out in enumerate(outs):
+                    # each token's value depends on its own row only: Σ's gradient is per token
+                    grad, = torch.autograd.grad(out.sum(), x, retain_graph=k < len(outs) - 1)
+                    values[k].append(out.detach())
+                    values[2 + k].append(grad)
+        lp, ent, g_lp, g_ent = (torch.cat(v) if v else None for v in values)
+        if lp is None:
+            lp, g_lp = h.new_zeros(0, dtype=torch.float32), h.new_zeros(h.shape)
+            ent, g_ent = (lp, g_lp) if entropy else (None, None)
+        return lp, ent, HeadGradients(hidden=h, logprob=g_lp, entropy=g_ent)
+
+
+@dataclass
+class HeadGradients:
+    """The fused head's input-gradients of one chunk.
+
+    Fields: hidden: the decoder's outputs at the response tokens, [M, d] with the graph to the
+    trainable parameters; logprob: ∂log π_t/∂hidden_t [M, d]; entropy: ∂h_t/∂hidden_t [M, d]
+    (None when not asked for). A per-sequence objective Σ_t a_t log π_t + Σ_t b_t h_t (a, b
+    detached) has hidden-gradient a⊙logprob + b⊙entropy, whose backward is the decoder's only.
+    """
+
+    hidden: torch.Tensor
+    logprob: torch.Tensor
+    entropy: torch.Tensor | None
+
 
 @dataclass
 class TokenOutputs:
@@ -153,13 +201,15 @@ class TokenOutputs:
 
     Fields: logprob [M] fp32 log π_τ(y_t | y_<t); entropy [M] fp32 h_t, or None when not asked
     for; owner [M] long, the chunk row of each token (tokens of a row are contiguous and in
-    order); rows: n.
+    order); rows: n; head: the fused head's gradients (then logprob and entropy carry no graph),
+    or None (no grad, or the head checkpointed inside the graph).
     """
 
     logprob: torch.Tensor
     entropy: torch.Tensor | None
     owner: torch.Tensor
     rows: int
+    head: HeadGradients | None = None
 
     def sequence_sum(self, field: str) -> torch.Tensor:
         """Σ over each row's tokens of `logprob` or `entropy`, [n] fp32."""
