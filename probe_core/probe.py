@@ -57,7 +57,7 @@ __all__ = ["PHASES", "ProbeHooks", "resolve_device", "run_probe"]
 
 MIN_GROUP_SIZE = 2          # the leave-one-out baseline and group advantages need two
 MIN_UNITS_FOR_JACKKNIFE = 3
-NOISE_CHECK_SEQUENCES = 8   # sequences recomputed with another chunking for the noise floor
+NOISE_CHECK_SEQUENCES = 4   # sequences recomputed with another chunking for the noise floor
 
 
 @dataclass

@@ -21,6 +21,8 @@ from service.pool import Backend, slot_configs, worker_devices
 
 log = logging.getLogger("entropy_probe.ray")
 POLL_TIMEOUT_S = 10.0           # an actor that cannot answer this long is treated as dead
+SHARED_STORAGE_HINT = ("with the Ray backend every node must see the checkpoint paths at the "
+                       "same path: put them on shared storage")
 
 
 def _ray():

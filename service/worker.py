@@ -181,9 +181,9 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
         message = (deadline_message(job.deadline_s, exc.phase)
                    if isinstance(exc, DeadlineExceeded) else exc.message)
         if cfg.remote and exc.code == "checkpoint_not_found":
-            message += (f" (seen from the worker on host {os.uname().nodename}: with the Ray "
-                        "backend every node must see the checkpoint paths at the same path; put "
-                        "them on shared storage)")
+            from service.ray_backend import SHARED_STORAGE_HINT
+            message += (f" (seen from the worker on host {os.uname().nodename}; "
+                        f"{SHARED_STORAGE_HINT})")
         trace = trace_points(exc.trace) or None
         return JobFailed(job.id, exc.code, plain(message), exc.phase, trace)
     except Exception as exc:   # noqa: BLE001 - the worker must survive anything a job does

@@ -27,7 +27,9 @@ SAME_FIELDS = [(asked.CheckpointSpec, core.CheckpointSpec),
                (asked.GenerationSpec, core.GenerationSpec),
                (asked.ObjectiveSpec, core.ObjectiveSpec),
                (asked.EstimatorSpec, core.EstimatorSpec),
-               (asked.RealizedSpec, core.RealizedSpec)]
+               (asked.RealizedSpec, core.RealizedSpec),
+               (asked.EntropySpec, core.EntropySpec),
+               (asked.ReportSpec, core.ReportSpec)]
 
 
 @pytest.mark.parametrize("wire,dataclass", SAME_FIELDS, ids=[w.__name__ for w, _ in SAME_FIELDS])
@@ -144,3 +146,30 @@ def test_every_probe_error_code_is_in_the_contract():
     readme = (ROOT / "README.md").read_text()
     missing = [c for c in contract if f"`{c}`" not in readme]
     assert not missing, f"error codes the README does not explain: {missing}"
+
+
+def _core_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def test_the_wire_and_probe_core_agree_on_every_default():
+    """The request's defaults (the contract, in /openapi.json) are those a library caller of
+    probe_core gets: a default changed on one side only fails here."""
+    pairs = [(w.model_fields, {f.name: f for f in dataclasses.fields(d)}) for w, d in SAME_FIELDS]
+    spec = {f.name: f for f in dataclasses.fields(core.ProbeSpec)}
+    top = ProbeRequest.model_fields
+    renamed = {"reward_kind": asked.RewardSpec.model_fields["kind"],
+               "microbatch_size": asked.MemorySpec.model_fields["teacher_force_microbatch_size"],
+               "trace_memory": asked.MemorySpec.model_fields["trace"]}
+    pairs.append(({**{n: top[n] for n in spec if n in top}, **renamed}, spec))
+    compared = 0
+    for wire_fields, core_fields in pairs:
+        for name, wf in wire_fields.items():
+            cf = core_fields.get(name)
+            if cf is None or wf.is_required() or dataclasses.is_dataclass(_core_default(cf)):
+                continue
+            assert wf.get_default(call_default_factory=True) == _core_default(cf), name
+            compared += 1
+    assert compared >= 20

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 import pytest
 
 from helpers import JOB_TIMEOUT_S, Server, metric, poll, quick_request, wait_running
+from probe_core.checkpoint import ModelCache
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
 from schemas import ErrorCode, JobStatus, ProbeJob
 from service.pool import pin, worker_devices
@@ -158,3 +160,38 @@ def test_metrics_parse_and_label_each_worker(pool):
                         ("succeeded", "failed", "cancelled"))
     assert sum(s.value for s in counts) == finished_jobs
     assert metric(pool, "entropy_probe_queue_depth") == 0
+
+
+def test_a_path_the_server_cannot_see_is_a_422_that_says_where(pool, tiny_checkpoint):
+    body = quick_request(tiny_checkpoint)
+    body["checkpoint"]["adapter"] = os.path.join(os.path.dirname(tiny_checkpoint[0]), "gone")
+    r = pool.http.post("/probes", json=body)
+    assert r.status_code == 422
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "checkpoint", "adapter"]
+    assert ("every node must see" in error["msg"]) == (pool.env["ENTROPY_PROBE_BACKEND"] == "ray")
+
+
+def test_a_remote_worker_names_its_host_when_it_cannot_see_a_checkpoint(tiny_checkpoint,
+                                                                        tmp_path):
+    """A Ray worker on another node reads checkpoints there: the real worker code path, with the
+    adapter gone between admission and load."""
+    import queue as q
+    from dataclasses import replace
+
+    from probe_core.spec import RuntimeOptions
+    from service import worker as w
+
+    body = quick_request(tiny_checkpoint)
+    body["checkpoint"]["adapter"] = str(tmp_path / "adapter-on-another-node")
+    cfg = w.WorkerConfig(RuntimeOptions(device="cpu"), 1 << 20)
+    job = w.Job("j1", json.dumps(body))
+    for remote in (False, True):
+        msg = w._run(job, replace(cfg, remote=remote), ModelCache(), q.Queue(), _Flag(),
+                     os.getppid(), None)
+        assert msg.code == "checkpoint_not_found"
+        assert (os.uname().nodename in msg.message and "shared storage" in msg.message) == remote
+
+
+class _Flag:
+    value = b""

@@ -42,6 +42,11 @@ def submit(req: ProbeRequest, response: Response, store: JobStore = Depends(get_
            idempotency_key: str | None = Header(None, max_length=255)) -> ProbeJob:
     """Queue a probe job. A repeat with the same Idempotency-Key returns the first job."""
     if errors := path_errors(req, settings.roots):
+        if settings.backend == "ray":           # the workers may run on other hosts
+            from service.ray_backend import SHARED_STORAGE_HINT
+            for e in errors:
+                if e["type"] == "checkpoint_not_found":
+                    e["msg"] += f" on the server's host ({SHARED_STORAGE_HINT})"
         raise HTTPException(422, detail=errors)
     try:
         job, _ = store.create(req, idempotency_key, settings.max_queue)
