@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test,trl]"
+	$(BIN)/pip install -q -e ".[test,trl,ray]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from probe_core.estimators.ustat import concat_units
+from probe_core.estimators.ustat import Concatenable
 from probe_core.spec import EntropySpec
 from probe_core.teacher_forcing import TokenOutputs
 
 
 @dataclass
-class SequenceStats:
+class SequenceStats(Concatenable):
     """What a sequence's own gradient forward tells about it (detached).
 
     Fields, float32 [n] each (device while the pass runs, host after):
@@ -41,10 +41,6 @@ class SequenceStats:
     length: torch.Tensor
     entropy: torch.Tensor
     baseline: torch.Tensor
-
-    @classmethod
-    def cat(cls, parts: list[SequenceStats]) -> SequenceStats:
-        return concat_units(parts)
 
     def cpu(self) -> SequenceStats:
         return SequenceStats(logprob=self.logprob.cpu(), length=self.length.cpu(),
@@ -78,12 +74,55 @@ def sequence_stats(tokens: TokenOutputs, spec: EntropySpec) -> SequenceStats:
     return SequenceStats(logprob=s, length=length, entropy=f, baseline=mean_to_go.float())
 
 
-def pathwise_objective(tokens: TokenOutputs) -> torch.Tensor:
-    """F = Σ_k h_k + Σ_k sg(Γ_k)·log π_k per row, [n] with a graph: ∇F = Σ_k ∇h_k +
-    Σ_k Γ_k ∇log π_k, the full-vocabulary entropy gradient before its baseline."""
-    to_go = entropy_to_go(tokens).to(tokens.logprob.dtype)                # [M], no graph
-    per_token = tokens.entropy + to_go * tokens.logprob                   # [M]
-    return per_token.new_zeros(tokens.rows).index_add(0, tokens.owner, per_token)
+@dataclass
+class Objective:
+    """A per-sequence objective O_i of one chunk, as a backward takes it: either `values` [n]
+    with a graph (autograd path), or, with the fused head, `token_grads` [M, d] = ∂O_i/∂hidden_t
+    at each of sequence i's tokens, `hidden` [M, d] carrying the graph and `owner` [M]."""
+
+    values: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    token_grads: torch.Tensor | None = None
+    owner: torch.Tensor | None = None
+
+    def backward_args(self, coef: torch.Tensor | None = None):
+        """(outputs, grad_outputs) for autograd.grad of Σ_i coef_i O_i (coef None: all 1)."""
+        if self.values is not None:
+            return (self.values if coef is None else coef * self.values).sum(), None
+        if coef is None:
+            return self.hidden, self.token_grads
+        weight = coef.to(self.token_grads.dtype)[self.owner, None]           # [M, 1]
+        return self.hidden, weight * self.token_grads
+
+
+def logprob_objective(tokens: TokenOutputs) -> Objective:
+    """S_i = Σ_t log π_t."""
+    if tokens.head is not None:
+        return Objective(hidden=tokens.head.hidden, token_grads=tokens.head.logprob,
+                         owner=tokens.owner)
+    return Objective(values=tokens.sequence_sum("logprob"))
+
+
+def pathwise_objective(tokens: TokenOutputs) -> Objective:
+    """F = Σ_k h_k + Σ_k sg(Γ_k)·log π_k per row: ∇F = Σ_k ∇h_k + Σ_k Γ_k ∇log π_k, the
+    full-vocabulary entropy gradient before its baseline."""
+    to_go = entropy_to_go(tokens)                                         # [M], no graph
+    if tokens.head is not None:
+        g = tokens.head
+        return Objective(hidden=g.hidden, owner=tokens.owner,
+                         token_grads=g.entropy + to_go.to(g.logprob.dtype)[:, None] * g.logprob)
+    per_token = tokens.entropy + to_go.to(tokens.logprob.dtype) * tokens.logprob   # [M]
+    return Objective(values=per_token.new_zeros(tokens.rows).index_add(0, tokens.owner,
+                                                                       per_token))
+
+
+def bonus_objective(tokens: TokenOutputs) -> Objective:
+    """E_i = Σ_t h_t through the logits only: the gradient of TRL's entropy bonus (no
+    score-function term), issue 15."""
+    if tokens.head is not None:
+        return Objective(hidden=tokens.head.hidden, token_grads=tokens.head.entropy,
+                         owner=tokens.owner)
+    return Objective(values=tokens.sequence_sum("entropy"))
 
 
 @dataclass

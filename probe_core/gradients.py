@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from probe_core.checkpoint import causal_lm
-from probe_core.entropy import SequenceStats, pathwise_objective, sequence_stats
+from probe_core.entropy import (Objective, SequenceStats, bonus_objective, logprob_objective,
+                                pathwise_objective, sequence_stats)
 from probe_core.spec import GradMethod
 from probe_core.summaries import SummaryPlan, UnitSummary
 from probe_core.teacher_forcing import TeacherForcer
@@ -178,54 +179,64 @@ class GradientAccumulator:
         acc_lp = torch.zeros(k * plan.num_rows, numel, dtype=torch.float32, device=dev)
         acc_pw = torch.zeros(k, numel, dtype=torch.float32, device=dev) if plan.pathwise \
             else None
+        acc_bonus = torch.zeros(k, numel, dtype=torch.float32, device=dev) if plan.bonus \
+            else None
         first = int(chunks[0][0])
         stats, backward = [], 0
         for rows in chunks:
             prompt = (rows - first) // g                                   # [n] in 0..k−1
             objectives, chunk_stats = self._forward(rows, plan)
             stats.append(chunk_stats)
-            targets = [(objectives[0], acc_lp,
+            targets = [(objectives["logprob"], acc_lp,
                         plan.logprob_weights(chunk_stats, rows, prompt, k))]
+            onehot = torch.zeros(k, len(rows), device=dev)
+            onehot[prompt.to(dev), torch.arange(len(rows), device=dev)] = 1.0       # [k, n]
             if plan.pathwise:
-                onehot = torch.zeros(k, len(rows), device=dev)
-                onehot[prompt.to(dev), torch.arange(len(rows), device=dev)] = 1.0   # [k, n]
-                targets.append((objectives[1], acc_pw, onehot))
+                targets.append((objectives["pathwise"], acc_pw, onehot))
+            if plan.bonus:
+                targets.append((objectives["bonus"], acc_bonus, onehot))
             backward += self._backward(targets) * len(rows)
             if on_chunk:
                 on_chunk()
         unit_stats = SequenceStats.cat(stats)
         summary = plan.combine(acc_lp.view(k, plan.num_rows, numel), acc_pw, unit_stats,
-                               prompt_weight.to(dev, torch.float32))
+                               prompt_weight.to(dev, torch.float32), acc_bonus)
         n_seq = sum(len(c) for c in chunks)
         return UnitGradient(summary=summary, stats=unit_stats, forward_grad=n_seq,
                             backward=backward)
 
-    def _forward(self, rows: torch.Tensor, plan: SummaryPlan):
-        """The chunk's objectives with a graph ([S] or [S, F], [n] each) and its statistics."""
+    def _forward(self, rows: torch.Tensor, plan: SummaryPlan
+                 ) -> tuple[dict[str, Objective], SequenceStats]:
+        """The chunk's objectives by name ("logprob" S; "pathwise" F for full_vocabulary;
+        "bonus" E = Σ_t h_t with an entropy bonus) and its statistics."""
         with self.capture if self.capture is not None else contextlib.nullcontext():
-            tokens = self.forcer.tokens(rows, grad=True, entropy=plan.pathwise)
+            tokens = self.forcer.tokens(rows, grad=True, entropy=plan.pathwise or plan.bonus)
         if self.capture is not None:
             self.inputs = self.capture.backward_inputs()
-        objectives = [tokens.sequence_sum("logprob")]
+        objectives = {"logprob": logprob_objective(tokens)}
         if plan.pathwise:
-            objectives.append(pathwise_objective(tokens))
+            objectives["pathwise"] = pathwise_objective(tokens)
+        if plan.bonus:
+            objectives["bonus"] = bonus_objective(tokens)
         return objectives, sequence_stats(tokens, plan.spec)
 
-    def _backward(self, targets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> int:
-        """For each (objective [n], accumulator [R, P], weights [R, n]): acc += Σ_i w_ri ∇obj_i.
+    def _backward(self, targets: list[tuple[Objective, torch.Tensor, torch.Tensor]]) -> int:
+        """For each (objective, accumulator [R, P], weights [R, n]): acc += Σ_i w_ri ∇O_i.
         Returns the number of backwards run over the chunk."""
         count = 0
         for j, (objective, acc, weights) in enumerate(targets):
             retain = j < len(targets) - 1
             if self.method == "hooks":
                 self.capture.coef, self.capture.acc = weights, acc
-                torch.autograd.grad(objective.sum(), self.inputs, retain_graph=retain,
+                outputs, grad_outputs = objective.backward_args()
+                torch.autograd.grad(outputs, self.inputs, grad_outputs, retain_graph=retain,
                                     allow_unused=True)
                 count += 1
                 continue
             used = [r for r in range(weights.shape[0]) if bool(weights[r].any())]
             for q, r in enumerate(used):
-                grads = torch.autograd.grad((weights[r] * objective).sum(), self.flat.params,
+                outputs, grad_outputs = objective.backward_args(weights[r])
+                grads = torch.autograd.grad(outputs, self.flat.params, grad_outputs,
                                             retain_graph=retain or q < len(used) - 1,
                                             allow_unused=True)
                 acc[r] += self.flat.flatten(grads)

@@ -28,20 +28,58 @@ class LogitScale:
     softcap: float | None
 
 
-def _head_outputs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                  scale: LogitScale, entropy: bool):
-    """For [k, d] hidden states: log softmax(z/τ)[target] [k] fp32, and with `entropy` also
-    h = −Σ_a π_a log π_a [k] fp32 (else None)."""
+def _scaled_logits(head: torch.nn.Module, hidden: torch.Tensor, scale: LogitScale
+                   ) -> torch.Tensor:
+    """u = softcap(head(hidden))/τ for [k, d] hidden states, [k, V] fp32."""
     logits = head(hidden).float()                                     # [k, V]
     if scale.softcap:
         logits = scale.softcap * torch.tanh(logits / scale.softcap)
     if scale.temperature != 1.0:        # x/1 == x exactly: skip a [k, V] pass at τ = 1
         logits = logits / scale.temperature
-    logprob = -F.cross_entropy(logits, targets, reduction="none")
+    return logits
+
+
+def _token_values(u: torch.Tensor, targets: torch.Tensor, entropy: bool):
+    """log π[target] [k], h [k] (or None), log π [k, V] and π [k, V] (or None) of logits u.
+    Every path (no grad, checkpointed, fused) goes through here, so S and S⁺ agree bit for bit
+    where the parameters do."""
+    log_p = torch.log_softmax(u, dim=-1)                              # [k, V]
+    logprob = log_p.gather(1, targets[:, None])[:, 0]
     if not entropy:
-        return logprob, None
-    log_p = torch.log_softmax(logits, dim=-1)                         # [k, V]
-    return logprob, -(log_p.exp() * log_p).sum(-1)
+        return logprob, None, log_p, None
+    p = log_p.exp()
+    return logprob, -(p * log_p).sum(-1), log_p, p
+
+
+def _head_outputs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                  scale: LogitScale, entropy: bool):
+    """For [k, d] hidden states: log softmax(z/τ)[target] [k] fp32, and with `entropy` also
+    h = −Σ_a π_a log π_a [k] fp32 (else None); differentiable."""
+    logprob, ent, _, _ = _token_values(_scaled_logits(head, hidden, scale), targets, entropy)
+    return logprob, ent
+
+
+def _head_input_grads(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+                      scale: LogitScale, entropy: bool):
+    """log π [k], h [k] and their input-gradients ∂/∂hidden [k, d] (∂h: None without entropy)
+    in closed form, for a frozen Linear head: with u the scaled logits, ∂log π_y/∂u = e_y − π,
+    ∂h/∂u = −π⊙(log π + h), then through /τ, the softcap and the head's weight, the two
+    stacked into one matmul."""
+    u = _scaled_logits(head, hidden, scale)                           # [k, V]
+    logprob, ent, log_p, p = _token_values(u, targets, entropy)
+    p = log_p.exp() if p is None else p
+    grads = [-p]
+    grads[0].scatter_add_(1, targets[:, None], torch.ones_like(logprob)[:, None])
+    if entropy:
+        grads.append(-p * (log_p + ent[:, None]))
+    g = torch.cat(grads) if entropy else grads[0]                     # [k or 2k, V]
+    if scale.temperature != 1.0:
+        g = g / scale.temperature
+    if scale.softcap:            # d(c·tanh(z/c))/dz = 1 − tanh², tanh = u·τ/c
+        g = g * (1 - (u * (scale.temperature / scale.softcap)) ** 2).repeat(len(grads), 1)
+    x_grad = (g.to(head.weight.dtype) @ head.weight).to(hidden.dtype)  # [k or 2k, d]
+    k = hidden.shape[0]
+    return logprob, ent, x_grad[:k], (x_grad[k:] if entropy else None)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -85,6 +123,8 @@ class TeacherForcer:
         self.batch, self.temperature, self.device = batch, temperature, device
         self.autocast_dtype = autocast_dtype
         self.vocab = self.head.weight.shape[0]
+        # the fused head needs no gradient of the head's own parameters
+        self.fused_head = not any(p.requires_grad for p in self.head.parameters())
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -112,9 +152,13 @@ class TeacherForcer:
                            owner=to_device(sel // max(width, 1), dev), rows=len(rows),
                            prompt_width=p, response_width=width)
 
-    def tokens(self, rows: torch.Tensor, *, grad: bool, entropy: bool = False) -> TokenOutputs:
-        """Per response token of the given sequences, on the device (with a graph to the
-        trainable parameters when grad=True)."""
+    def tokens(self, rows: torch.Tensor, *, grad: bool, entropy: bool = False,
+               fused: bool = True) -> TokenOutputs:
+        """Per response token of the given sequences, on the device. With grad=True the
+        decoder keeps its graph to the trainable parameters; the LM head is then either fused
+        (`head` holds ∂log π_t/∂hidden_t and ∂h_t/∂hidden_t, computed chunk by chunk in the
+        forward, so the backward never runs the head again) or, when the head itself has
+        trainable parameters, checkpointed inside the graph."""
         x = self.chunk_inputs(rows)
         p, width = x.prompt_width, x.response_width
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
@@ -123,12 +167,18 @@ class TeacherForcer:
                                   position_ids=x.position_ids, use_cache=False).last_hidden_state
             # position t predicts token t+1: hidden at P'-1 … P'+L'-2 scores response tokens
             h = hidden[:, p - 1:p - 1 + width].flatten(0, 1)[x.response_index]   # [M, d]
-            logprob, ent = self._chunked_head(h, x.targets, grad, entropy)       # [M] each
-        return TokenOutputs(logprob=logprob, entropy=ent, owner=x.owner, rows=x.rows)
+            if grad and fused and self.fused_head:
+                logprob, ent, head = self._fused_head(h, x.targets, entropy)
+            else:
+                logprob, ent = self._chunked_head(h, x.targets, grad, entropy)   # [M] each
+                head = None
+        return TokenOutputs(logprob=logprob, entropy=ent, owner=x.owner, rows=x.rows,
+                            head=head)
 
     def logprobs(self, rows: torch.Tensor, *, grad: bool) -> torch.Tensor:
-        """S for the given sequence indices. Returns [n] fp32 on the device."""
-        return self.tokens(rows, grad=grad).sequence_sum("logprob")
+        """S for the given sequence indices. Returns [n] fp32 on the device (with grad: a graph
+        through the checkpointed head, for callers that backward through S itself)."""
+        return self.tokens(rows, grad=grad, fused=False).sequence_sum("logprob")
 
     def _chunked_head(self, h: torch.Tensor, targets: torch.Tensor, grad: bool, entropy: bool):
         step = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab)
@@ -146,6 +196,52 @@ class TeacherForcer:
             return empty, (empty if entropy else None)
         return torch.cat(logprobs), (torch.cat(entropies) if entropy else None)
 
+    def _fused_head(self, h: torch.Tensor, targets: torch.Tensor, entropy: bool):
+        """The head on token chunks with its input-gradients taken at once (as fused linear
+        cross-entropy kernels do): log π [M], h [M] (detached) and HeadGradients."""
+        step = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab)
+        values: list[list[torch.Tensor]] = [[], [], [], []]     # lp, h, ∂lp/∂x, ∂h/∂x
+        for i in range(0, h.shape[0], step):
+            x = h[i:i + step].detach()                                      # [k, d]
+            for k, v in enumerate(self._chunk_input_grads(x, targets[i:i + step], entropy)):
+                if v is not None:
+                    values[k].append(v)
+        lp, ent, g_lp, g_ent = (torch.cat(v) if v else None for v in values)
+        if lp is None:
+            lp, g_lp = h.new_zeros(0, dtype=torch.float32), h.new_zeros(h.shape)
+            ent, g_ent = (lp, g_lp) if entropy else (None, None)
+        return lp, ent, HeadGradients(hidden=h, logprob=g_lp, entropy=g_ent)
+
+    def _chunk_input_grads(self, x: torch.Tensor, targets: torch.Tensor, entropy: bool):
+        """(log π, h, ∂log π/∂x, ∂h/∂x) of one token chunk: closed form for a Linear head,
+        else autograd through the head (each token's value depends on its own row only, so
+        the gradient of the sum is per token)."""
+        with torch.no_grad():
+            if type(self.head) is torch.nn.Linear:
+                return _head_input_grads(self.head, x, targets, self.scale, entropy)
+        with torch.enable_grad():
+            x = x.requires_grad_(True)
+            lp, ent = _head_outputs(self.head, x, targets, self.scale, entropy)
+            outs = [lp] + ([ent] if entropy else [])
+            grads = torch.autograd.grad([o.sum() for o in outs], [x] * len(outs))
+        return lp.detach(), (ent.detach() if entropy else None), grads[0], \
+            (grads[1] if entropy else None)
+
+
+@dataclass
+class HeadGradients:
+    """The fused head's input-gradients of one chunk.
+
+    Fields: hidden: the decoder's outputs at the response tokens, [M, d] with the graph to the
+    trainable parameters; logprob: ∂log π_t/∂hidden_t [M, d]; entropy: ∂h_t/∂hidden_t [M, d]
+    (None when not asked for). A per-sequence objective Σ_t a_t log π_t + Σ_t b_t h_t (a, b
+    detached) has hidden-gradient a⊙logprob + b⊙entropy, whose backward is the decoder's only.
+    """
+
+    hidden: torch.Tensor
+    logprob: torch.Tensor
+    entropy: torch.Tensor | None
+
 
 @dataclass
 class TokenOutputs:
@@ -153,13 +249,15 @@ class TokenOutputs:
 
     Fields: logprob [M] fp32 log π_τ(y_t | y_<t); entropy [M] fp32 h_t, or None when not asked
     for; owner [M] long, the chunk row of each token (tokens of a row are contiguous and in
-    order); rows: n.
+    order); rows: n; head: the fused head's gradients (then logprob and entropy carry no graph),
+    or None (no grad, or the head checkpointed inside the graph).
     """
 
     logprob: torch.Tensor
     entropy: torch.Tensor | None
     owner: torch.Tensor
     rows: int
+    head: HeadGradients | None = None
 
     def sequence_sum(self, field: str) -> torch.Tensor:
         """Σ over each row's tokens of `logprob` or `entropy`, [n] fp32."""

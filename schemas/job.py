@@ -7,7 +7,7 @@ from enum import Enum
 
 from pydantic import BaseModel, Field
 
-from schemas.result import ProbeResult
+from schemas.result import ProbeResult, TracePoint
 
 
 class JobStatus(str, Enum):
@@ -49,7 +49,7 @@ class JobError(BaseModel):
     code: ErrorCode
     message: str
     phase: str | None = None
-    memory_trace: list[dict] | None = Field(
+    memory_trace: list[TracePoint] | None = Field(
         None, description="The memory trace up to the failure (out_of_memory, "
         "deadline_exceeded).")
 

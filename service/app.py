@@ -9,15 +9,16 @@ from importlib import metadata
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
+from service.dependencies import Services
 from service.errors import validation_error
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestId
 from service.routers import docs, health, probes, ui
-from service.settings import Settings
-from service.store import JobStore
 from service import worker
+from service.pool import Backend, local_backend, worker_devices
+from service.settings import Settings, worker_config
+from service.store import JobStore
 from service.supervisor import Deadlines, Supervisor, WorkerMain
-from service.worker import WorkerConfig
 
 log = logging.getLogger("entropy_probe.app")
 
@@ -27,6 +28,16 @@ def _version() -> str:
         return metadata.version("entropy-probe")
     except metadata.PackageNotFoundError:
         return "0"
+
+
+def backend(settings: Settings, worker_main: WorkerMain = worker.main) -> Backend:
+    """The workers ENTROPY_PROBE_BACKEND and ENTROPY_PROBE_DEVICES ask for."""
+    cfg = worker_config(settings)
+    if settings.backend == "ray":
+        from service import ray_backend
+        return ray_backend.ray_backend(cfg, settings.devices, settings.device, worker_main,
+                                       settings.ray_address)
+    return local_backend(cfg, worker_devices(settings.devices, settings.device), worker_main)
 
 
 def create_app(settings: Settings | None = None, worker_main: WorkerMain = worker.main
@@ -42,17 +53,16 @@ def create_app(settings: Settings | None = None, worker_main: WorkerMain = worke
         if interrupted:
             log.warning("%d unfinished jobs from before the restart marked interrupted",
                         interrupted)
-        cfg = WorkerConfig(settings.device, tuple(settings.roots), settings.trust_remote_code,
-                           settings.host_budget_bytes, settings.max_trainable_params,
-                           settings.cpu_threads)
+        metrics = Metrics()
         deadlines = Deadlines(settings.max_job_seconds, settings.deadline_grace_seconds)
-        app.state.store, app.state.metrics = store, Metrics()
-        app.state.supervisor = Supervisor(store, cfg, app.state.metrics, deadlines, worker_main)
-        app.state.supervisor.start()
+        supervisor = Supervisor(store, backend(settings, worker_main), metrics, deadlines)
+        app.state.services = Services(store, supervisor, metrics)
+        supervisor.start()
         try:
             yield
         finally:
-            app.state.supervisor.stop()
+            supervisor.stop()
+            store.close()
 
     # /docs and /redoc come from routers/docs.py (assets served locally, no CDN)
     app = FastAPI(title="entropy-probe", version=_version(), lifespan=lifespan,

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.dependencies import get_settings
 from service.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="ENTROPY_PROBE_API_TOKEN, when the server "
                      "sets one.")
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),

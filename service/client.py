@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from typing import Any, Callable
+from urllib.parse import quote
 
 import httpx
 
@@ -32,6 +33,11 @@ class ProbeFailed(Exception):
         phase = f" in {error.phase}" if error and error.phase else ""
         super().__init__(f"probe job {job_id} {status.value}{phase}: [{code}] {message}")
         self.job_id, self.status, self.error = job_id, status, error
+
+
+def _job_path(job_id: str) -> str:
+    """/probes/<id>, the id escaped so that no id can name another route."""
+    return f"/probes/{quote(job_id, safe='')}"
 
 
 class ProbeClient:
@@ -69,7 +75,7 @@ class ProbeClient:
         return self._call("POST", "/probes", json=body, headers=headers).json()["id"]
 
     def get(self, job_id: str) -> ProbeJob:
-        return ProbeJob.model_validate_json(self._call("GET", f"/probes/{job_id}").content)
+        return ProbeJob.model_validate_json(self._call("GET", _job_path(job_id)).content)
 
     def list(self, status: JobStatus | None = None, limit: int = 20,
              after: str | None = None) -> tuple[list[ProbeJob], bool]:
@@ -82,7 +88,7 @@ class ProbeClient:
 
     def cancel(self, job_id: str) -> ProbeJob:
         return ProbeJob.model_validate_json(
-            self._call("POST", f"/probes/{job_id}/cancel").content)
+            self._call("POST", f"{_job_path(job_id)}/cancel").content)
 
     def wait(self, job_id: str, timeout: float, poll: float = 0.5,
              on_progress: Callable[[Progress], None] | None = None) -> ProbeResult:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from importlib import metadata
 
 from probe_core import spec as core
-from probe_core.outcome import ProbeOutcome
+from probe_core.memory import TracePoint
+from probe_core.outcome import BatchOutcome, ProbeOutcome
 from probe_core.trainer_state import trainer_step
 from schemas import ProbeRequest, ProbeResult
+from schemas import request as asked
 from schemas import result as wire
 
 
@@ -20,20 +21,20 @@ def to_spec(req: ProbeRequest, *, host_budget_bytes: int) -> core.ProbeSpec:
         rollouts = [core.ClientRollout(r.prompt, list(r.responses), list(r.rewards))
                     for r in req.rollouts]
     return core.ProbeSpec(
-        checkpoint=core.CheckpointSpec(**req.checkpoint.model_dump()),
+        checkpoint=_checkpoint_spec(req.checkpoint),
         prompts=req.prompts, answers=req.answers, prompt_format=req.prompt_format,
         rollouts=rollouts, num_prompts=req.num_prompts,
         responses_per_prompt=req.group_size(),
-        generation=core.GenerationSpec(**req.generation.model_dump()),
+        generation=_generation_spec(req.generation),
         reward_kind=req.reward.kind,
-        objective=core.ObjectiveSpec(**req.objective.model_dump()),
-        estimator=core.EstimatorSpec(**req.estimator.model_dump()),
+        objective=_objective_spec(req.objective),
+        estimator=core.EstimatorSpec(mode=req.estimator.mode, block_size=req.estimator.block_size),
         entropy=core.EntropySpec(normalization=req.entropy.normalization,
                                  estimator=req.entropy.estimator),
         report=core.ReportSpec(per_prompt=req.report.per_prompt),
         lr_override=req.optimizer_overrides.lr,
         max_grad_norm=req.optimizer_overrides.max_grad_norm,
-        realized=core.RealizedSpec(**req.realized.model_dump()),
+        realized=_realized_spec(req.realized),
         microbatch_size=req.memory.teacher_force_microbatch_size,
         trace_memory=req.memory.trace,
         host_budget_bytes=(req.memory.host_budget_bytes if req.memory.host_budget_bytes
@@ -43,6 +44,29 @@ def to_spec(req: ProbeRequest, *, host_budget_bytes: int) -> core.ProbeSpec:
             prompts=list(req.entropy_batch.prompts),
             responses_per_prompt=req.entropy_batch.responses_per_prompt,
             num_prompts=req.entropy_batch.num_prompts))
+
+
+def _checkpoint_spec(c: asked.CheckpointSpec) -> core.CheckpointSpec:
+    return core.CheckpointSpec(base_model=c.base_model, adapter=c.adapter,
+                               optimizer=c.optimizer, allow_full_model=c.allow_full_model)
+
+
+def _generation_spec(g: asked.GenerationSpec) -> core.GenerationSpec:
+    return core.GenerationSpec(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                               top_p=g.top_p, top_k=g.top_k, batch_size=g.batch_size)
+
+
+def _objective_spec(o: asked.ObjectiveSpec) -> core.ObjectiveSpec:
+    return core.ObjectiveSpec(advantage=o.advantage, length_norm=o.length_norm,
+                              length_norm_constant=o.length_norm_constant,
+                              advantage_eps=o.advantage_eps, entropy_coef=o.entropy_coef,
+                              target_delta_h=o.target_delta_h)
+
+
+def _realized_spec(r: asked.RealizedSpec) -> core.RealizedSpec:
+    return core.RealizedSpec(enabled=r.enabled, normalization=r.normalization, psis=r.psis,
+                             ess_threshold=r.ess_threshold,
+                             lr_multipliers=list(r.lr_multipliers))
 
 
 def _finite(x: float | None) -> float | None:
@@ -66,6 +90,24 @@ def _version(pkg: str) -> str:
 
 def _reward(est, name: str) -> float | None:
     return None if est.reward is None else _finite(getattr(est.reward, name))
+
+
+def _value_se(x) -> wire.ValueSE | None:
+    if x is None or not math.isfinite(x.value):
+        return None
+    return wire.ValueSE(value=x.value, se=_finite(x.se))
+
+
+def _delta_j1(out: ProbeOutcome) -> wire.DeltaJ1 | None:
+    if out.reward is None:
+        return None
+    d = out.reward.delta_j1
+    return wire.DeltaJ1(total=_num(d.total), se=_finite(d.se),
+                        gradient_term=_num(d.gradient_term),
+                        momentum_term=_num(d.momentum_term),
+                        weight_decay_term=_num(d.weight_decay_term),
+                        entropy_bonus_term=_num(d.entropy_bonus_term),
+                        informative_units=d.informative_units, se_reliable=d.se_reliable)
 
 
 def _realized(out: ProbeOutcome) -> wire.Realized | None:
@@ -101,6 +143,31 @@ def _entropy_batch(out: ProbeOutcome) -> wire.EntropyBatchSummary | None:
         mean_response_tokens=_num(e.mean_response_tokens))
 
 
+def _batch(b: BatchOutcome) -> wire.BatchSummary:
+    return wire.BatchSummary(num_prompts=b.num_prompts,
+                             responses_per_prompt=b.responses_per_prompt,
+                             mean_response_tokens=_num(b.mean_response_tokens),
+                             reward_mean=_num(b.reward_mean),
+                             zero_advantage_prompts=b.zero_advantage_prompts)
+
+
+def _timing(seconds: dict[str, float]) -> wire.Timing:
+    """Seconds per phase (probe_core keys them by its Phase names) and the total."""
+    return wire.Timing(load=seconds["load"], rollouts=seconds["rollouts"],
+                       teacher_forcing=seconds["teacher_forcing"],
+                       gradients=seconds["gradients"], step=seconds["step"],
+                       realized=seconds["realized"], total=seconds["total"])
+
+
+def trace_points(trace: list[TracePoint]) -> list[wire.TracePoint]:
+    """The memory trace on the wire (a result's, or a failed job's up to the failure)."""
+    return [wire.TracePoint(phase=t.phase, t=t.t,
+                            device_allocated_bytes=t.device_allocated_bytes,
+                            device_peak_bytes=t.device_peak_bytes,
+                            device_reserved_bytes=t.device_reserved_bytes,
+                            host_rss_bytes=t.host_rss_bytes) for t in trace]
+
+
 def _checkpoint(ck: core.CheckpointSpec | None) -> dict:
     """The result's checkpoint echo and TRL step (both null when the caller has no spec)."""
     if ck is None:
@@ -125,15 +192,18 @@ def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None) 
                 value=_num(u.value), bars_dot=_num(u.bars_dot), diag_sum=_num(u.diag_sum),
                 se_plugin=_finite(u.se_plugin), zeta1_plugin=_finite(u.zeta1_plugin),
                 se_jackknife=_finite(u.se_jackknife),
-                zeta1_jackknife=_finite(u.zeta1_jackknife))),
+                zeta1_jackknife=_finite(u.zeta1_jackknife)),
+            entropy_bonus_term=_num(out.reward.entropy_bonus_term) if out.reward else 0.0,
+            entropy_coef_for_target=_value_se(out.reward.entropy_coef_for_target
+                                              if out.reward else None)),
+        delta_j1=_delta_j1(out),
+        exchange_rate=_value_se(out.reward.exchange_rate if out.reward else None),
         entropy_batch=_entropy_batch(out),
         entropy=wire.EntropyKind(normalization=out.entropy.normalization,
                                  estimator=out.entropy.estimator,
                                  temperature=out.entropy.temperature),
         realized=_realized(out),
-        batch=wire.BatchSummary(**{**dataclasses.asdict(out.batch),
-                                   "reward_mean": _num(out.batch.reward_mean),
-                                   "mean_response_tokens": _num(out.batch.mean_response_tokens)}),
+        batch=_batch(out.batch),
         proxies=wire.Proxies(cov_logp_advantage=_num(out.proxy.value),
                              cov_logp_advantage_se=_finite(out.proxy.se),
                              predicted_delta_h=_num(-out.proxy_lr * out.proxy.value)),
@@ -142,11 +212,13 @@ def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None) 
             weight_decay=out.optimizer.weight_decay, step=out.optimizer.step,
             grad_norm=_num(out.optimizer.grad_norm), clip_factor=_num(out.optimizer.clip_factor),
             param_groups=out.optimizer.param_groups),
-        passes=wire.Passes(**dataclasses.asdict(out.passes)),
-        timing=wire.Timing(**out.timing),
+        passes=wire.Passes(forward_no_grad=out.passes.forward_no_grad,
+                           forward_grad=out.passes.forward_grad, backward=out.passes.backward,
+                           noise_check_forward=out.passes.noise_check_forward),
+        timing=_timing(out.timing),
         memory=wire.Memory(peak_device_bytes=mem.peak_device_bytes,
                            peak_host_rss_bytes=mem.peak_host_rss_bytes,
-                           trace=[wire.TracePoint(**dataclasses.asdict(t)) for t in mem.trace]),
+                           trace=trace_points(mem.trace)),
         environment=wire.Environment(device=out.device, torch=_version("torch"),
                                      transformers=_version("transformers"),
                                      peft=_version("peft"),

@@ -1,76 +1,103 @@
-"""Counters for GET /metrics, rendered by hand in the Prometheus text format (0.0.4)."""
+"""GET /metrics: Prometheus metrics with prometheus_client, one registry per server.
+
+Per-worker series carry `worker` (its index in ENTROPY_PROBE_DEVICES, stable across restarts) and
+`device` labels. Store-derived gauges (jobs by status, queue depth) and the workers' states are
+set when /metrics is scraped, so they always agree with the store and /readyz.
+"""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
 
 from schemas import JobStatus
 
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+WORKER_LABELS = ("worker", "device")
+# Probe jobs take seconds (tiny models) to an hour (a 7B model, B·G in the thousands).
+DURATION_BUCKETS_S = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
+WORKER_STATES = ("starting", "idle", "busy", "dead")
+# attribute → (kind, name without the prefix, help) of the plain per-worker series
+PER_WORKER = {
+    "restarts": (Counter, "worker_restarts", "Workers started after one died."),
+    "base_loads": (Counter, "base_model_loads", "Succeeded jobs that loaded their base model."),
+    "base_reuses": (Counter, "base_model_reuses",
+                    "Succeeded jobs that reused the loaded base model."),
+    "last_host_rss": (Gauge, "last_job_peak_host_rss_bytes",
+                      "Peak worker RSS of its last succeeded job."),
+    "peak_host_rss": (Gauge, "peak_host_rss_bytes", "Peak worker RSS over its succeeded jobs."),
+    "last_device": (Gauge, "last_job_peak_device_bytes",
+                    "Peak device memory of its last succeeded job (CUDA)."),
+    "peak_device": (Gauge, "peak_device_bytes",
+                    "Peak device memory over its succeeded jobs (CUDA)."),
+}
+disable_created_metrics()       # no *_created series: scrapers compute rates from the counters
 
-@dataclass
+
+class WorkerView(Protocol):
+    """What the metrics read of a worker slot (service.supervisor.WorkerInfo)."""
+
+    index: int
+    device: str
+    state: str
+
+
+def labels(index: int, device: str) -> dict[str, str]:
+    return {"worker": str(index), "device": device}
+
+
 class Metrics:
-    job_duration_sum: float = 0.0
-    job_duration_count: int = 0
-    worker_restarts: int = 0
-    base_loads: int = 0
-    base_reuses: int = 0
-    last_peak_host_rss_bytes: int | None = None
-    peak_host_rss_bytes: int | None = None
-    last_peak_device_bytes: int | None = None
-    peak_device_bytes: int | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        p = "entropy_probe_"
+        self.jobs = Gauge(p + "jobs", "Jobs in the store by status.", ["status"], registry=r)
+        self.queue_depth = Gauge(p + "queue_depth", "Jobs waiting for a worker.", registry=r)
+        self.worker_up = Gauge(p + "worker_up", "1 when the worker is alive and ready (idle or "
+                               "busy).", WORKER_LABELS, registry=r)
+        self.worker_state = Gauge(p + "worker_state", "1 for the worker's current state.",
+                                  [*WORKER_LABELS, "state"], registry=r)
+        self.duration = Histogram(p + "job_duration_seconds", "Wall time of jobs from start to "
+                                  "end, by the worker that ran them and how they ended.",
+                                  [*WORKER_LABELS, "status"], buckets=DURATION_BUCKETS_S,
+                                  registry=r)
+        for attr, (kind, name, help_) in PER_WORKER.items():
+            setattr(self, attr, kind(p + name, help_, WORKER_LABELS, registry=r))
+        self._peaks: dict[tuple[int, int, str], float] = {}
 
-    def job_ran(self, seconds: float) -> None:
-        with self._lock:
-            self.job_duration_sum += seconds
-            self.job_duration_count += 1
+    # -- events from the supervisor ----------------------------------------------------------------
+    def job_ended(self, index: int, device: str, status: JobStatus, seconds: float) -> None:
+        self.duration.labels(**labels(index, device), status=status.value).observe(seconds)
 
-    def job_memory(self, host_rss: int, device: int | None, base_reused: bool) -> None:
-        with self._lock:
-            self.last_peak_host_rss_bytes = host_rss
-            self.peak_host_rss_bytes = max(self.peak_host_rss_bytes or 0, host_rss)
-            self.last_peak_device_bytes = device
-            if device is not None:
-                self.peak_device_bytes = max(self.peak_device_bytes or 0, device)
-            if base_reused:
-                self.base_reuses += 1
-            else:
-                self.base_loads += 1
+    def job_memory(self, index: int, device: str, host_rss: int, device_bytes: int | None,
+                   base_reused: bool) -> None:
+        lab = labels(index, device)
+        (self.base_reuses if base_reused else self.base_loads).labels(**lab).inc()
+        self.last_host_rss.labels(**lab).set(host_rss)
+        self._raise(self.peak_host_rss, index, device, host_rss)
+        if device_bytes is not None:
+            self.last_device.labels(**lab).set(device_bytes)
+            self._raise(self.peak_device, index, device, device_bytes)
 
-    def render(self, counts: dict[JobStatus, int], queue_length: int, worker_up: bool) -> str:
-        lines: list[str] = []
+    def _raise(self, gauge: Gauge, index: int, device: str, value: float) -> None:
+        key = (id(gauge), index, device)
+        self._peaks[key] = max(self._peaks.get(key, value), value)
+        gauge.labels(**labels(index, device)).set(self._peaks[key])
 
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float | None]]):
-            lines.append(f"# HELP entropy_probe_{name} {help_}")
-            lines.append(f"# TYPE entropy_probe_{name} {kind}")
-            for suffix, value in samples:
-                if value is not None:
-                    lines.append(f"entropy_probe_{name}{suffix} {value}")
+    def worker_restarted(self, index: int, device: str) -> None:
+        self.restarts.labels(**labels(index, device)).inc()
 
-        with self._lock:
-            metric("jobs", "gauge", "Jobs in the store by status.",
-                   [(f'{{status="{s.value}"}}', n) for s, n in counts.items()])
-            metric("queue_length", "gauge", "Jobs waiting for the worker.",
-                   [("", queue_length)])
-            metric("worker_up", "gauge", "1 when the device worker is alive and ready.",
-                   [("", int(worker_up))])
-            metric("worker_restarts_total", "counter", "Device workers started after a crash.",
-                   [("", self.worker_restarts)])
-            metric("job_duration_seconds", "summary", "Wall time of jobs from start to end.",
-                   [("_sum", self.job_duration_sum), ("_count", self.job_duration_count)])
-            metric("base_model_loads_total", "counter",
-                   "Succeeded jobs that loaded their base model.", [("", self.base_loads)])
-            metric("base_model_reuses_total", "counter",
-                   "Succeeded jobs that reused the loaded base model.", [("", self.base_reuses)])
-            metric("last_job_peak_host_rss_bytes", "gauge",
-                   "Peak worker RSS of the last succeeded job.",
-                   [("", self.last_peak_host_rss_bytes)])
-            metric("peak_host_rss_bytes", "gauge", "Peak worker RSS over succeeded jobs.",
-                   [("", self.peak_host_rss_bytes)])
-            metric("last_job_peak_device_bytes", "gauge",
-                   "Peak device memory of the last succeeded job (CUDA).",
-                   [("", self.last_peak_device_bytes)])
-            metric("peak_device_bytes", "gauge", "Peak device memory over succeeded jobs (CUDA).",
-                   [("", self.peak_device_bytes)])
-        return "\n".join(lines) + "\n"
+    # -- a scrape ----------------------------------------------------------------------------------
+    def render(self, counts: dict[JobStatus, int], queue_depth: int,
+               workers: Iterable[WorkerView]) -> bytes:
+        for status, n in counts.items():
+            self.jobs.labels(status=status.value).set(n)
+        self.queue_depth.set(queue_depth)
+        for w in workers:
+            lab = labels(w.index, w.device)
+            self.worker_up.labels(**lab).set(int(w.state in ("idle", "busy")))
+            self.restarts.labels(**lab)           # a worker that never restarted reads 0
+            for state in WORKER_STATES:
+                self.worker_state.labels(**lab, state=state).set(int(w.state == state))
+        return generate_latest(self.registry)

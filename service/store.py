@@ -1,8 +1,19 @@
-"""The job store: every job is one JSON file in the state directory, written atomically.
+"""The job store: one SQLite database (standard library, WAL) in the state directory.
 
-The store also holds the FIFO of queued jobs and the idempotency keys. After a restart,
-finished jobs are served as before; a job that was queued or running when the server died is
-marked failed with code `interrupted`, never dropped silently.
+One row per job: its status and times in columns, its progress, error, request and result as JSON
+text. Nothing is held in memory: a job, a page of the list or the queue head is read from the file
+when asked for, through the `(status, seq)` index. Every state change is one transaction
+(`synchronous=FULL`: a committed change survives a crash of the server or of the host; progress
+updates skip the flush).
+
+The HTTP handlers (a thread pool) and the supervisor thread share one instance: one connection,
+used under one lock (`check_same_thread=False`), so its page cache is bounded and a check-then-
+write (idempotency key, queue limit) is atomic.
+
+After a restart, finished jobs are served as before; a job that was queued or running when the
+server stopped is marked failed with code `interrupted`, never dropped silently. A first-round
+state directory (`jobs/<id>.json`, one record per job) is imported once, when the database is
+created; damaged files are set aside as `*.corrupt` and logged.
 """
 
 from __future__ import annotations
@@ -10,17 +21,42 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import sqlite3
 import threading
 import uuid
-from collections import deque
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from schemas import ErrorCode, JobError, JobStatus, ProbeJob, ProbeRequest, ProbeResult, Progress
+from schemas.result import TracePoint
 
 log = logging.getLogger("entropy_probe.store")
+
+DB_NAME = "jobs.sqlite3"
+FIRST_ROUND_DIR = "jobs"            # the first round's one-JSON-file-per-job layout
+BUSY_TIMEOUT_MS = 30_000            # another process holding the file (a backup) is waited for
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,   -- creation order
+    id              TEXT NOT NULL UNIQUE,
+    status          TEXT NOT NULL,
+    created_at      TEXT NOT NULL,
+    started_at      TEXT,
+    finished_at     TEXT,
+    progress        TEXT NOT NULL,                       -- Progress JSON
+    error           TEXT,                                -- JobError JSON
+    result          TEXT,                                -- ProbeResult JSON
+    request         TEXT NOT NULL,                       -- ProbeRequest JSON, what the worker runs
+    request_hash    TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_JOB = "id, status, created_at, started_at, finished_at, progress, error, result"
+_UNFINISHED = "(" + ", ".join(f"'{s.value}'" for s in JobStatus if not s.finished) + ")"
 
 
 class QueueFull(Exception):
@@ -48,80 +84,126 @@ def request_hash(req: ProbeRequest) -> str:
     return hashlib.sha256(req.model_dump_json().encode()).hexdigest()
 
 
-@dataclass
-class Record:
-    seq: int                       # creation order: the list is newest first by seq
-    job: ProbeJob
-    request: str                   # ProbeRequest JSON, what the worker runs
-    request_hash: str
-    idempotency_key: str | None = None
+def _job(row: tuple) -> ProbeJob:
+    job_id, status, created, started, finished, progress, error, result = row
+    return ProbeJob(id=job_id, status=JobStatus(status), created_at=created, started_at=started,
+                    finished_at=finished, progress=Progress.model_validate_json(progress),
+                    error=JobError.model_validate_json(error) if error else None,
+                    result=ProbeResult.model_validate_json(result) if result else None)
 
-    def to_json(self) -> str:
-        return json.dumps({"seq": self.seq, "request_hash": self.request_hash,
-                           "idempotency_key": self.idempotency_key,
-                           "request": json.loads(self.request),
-                           "job": self.job.model_dump(mode="json")})
 
-    @classmethod
-    def from_json(cls, text: str) -> Record:
-        d = json.loads(text)
-        if not (isinstance(d, dict) and isinstance(d.get("seq"), int)
-                and isinstance(d.get("request_hash"), str)
-                and isinstance(d.get("idempotency_key"), (str, type(None)))):
-            raise ValueError("not a job record")
-        return cls(d["seq"], ProbeJob.model_validate(d["job"]), json.dumps(d["request"]),
-                   d["request_hash"], d.get("idempotency_key"))
+def _failure(code: ErrorCode, message: str, phase: str | None,
+             memory_trace: list[TracePoint] | None = None) -> tuple[str, str, str]:
+    """(status, finished_at, error JSON) of a job that ends with `code`."""
+    status = JobStatus.cancelled if code == ErrorCode.cancelled else JobStatus.failed
+    error = JobError(code=code, message=message, phase=phase, memory_trace=memory_trace)
+    return status.value, now().isoformat(), error.model_dump_json()
+
+
+INTERRUPTED_MESSAGE = "the server stopped before this job finished; resubmit it"
 
 
 class JobStore:
     """Thread-safe: the HTTP handlers and the supervisor thread share one instance."""
 
-    def __init__(self, state_dir: Path):
-        self.dir = Path(state_dir) / "jobs"
+    def __init__(self, state_dir: Path, durable: bool = True):
+        """durable=False skips the fsync of each commit (bulk fills, benchmarks): a crash of
+        the process still loses nothing committed, a crash of the host may lose the last
+        commits; the file is never left damaged."""
+        self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / DB_NAME
         self._lock = threading.Lock()
-        self._jobs: dict[str, Record] = {}
-        self._keys: dict[str, str] = {}        # idempotency key → job id
-        self._queue: deque[str] = deque()
-        self._seq = 0
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._durable = durable
+        self._synchronous = ""                  # what the connection is set to now
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        self._db.executescript(_SCHEMA)
 
-    # -- persistence ---------------------------------------------------------------------------
-    def _write(self, rec: Record) -> None:
-        path = self.dir / f"{rec.job.id}.json"
-        tmp = path.with_suffix(".json.tmp")
-        with open(tmp, "w") as f:
-            f.write(rec.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    def load(self) -> int:
-        """Read the state directory. Returns how many jobs were marked interrupted."""
-        interrupted = 0
+    def close(self) -> None:
         with self._lock:
-            for path in sorted(self.dir.glob("*.json")):
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self, sync: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken before anything is read (BEGIN IMMEDIATE). `sync`: its
+        commit waits for the disk (state changes); without, it survives a crash of the
+        process but not of the host (progress), and is made durable by the next synced one."""
+        mode = "FULL" if sync and self._durable else "NORMAL"
+        with self._lock:
+            if mode != self._synchronous:
+                self._db.execute(f"PRAGMA synchronous={mode}")
+                self._synchronous = mode
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- start-up ------------------------------------------------------------------------------
+    def load(self) -> int:
+        """Import a first-round state directory into a new database, and mark the jobs the last
+        server left unfinished as interrupted. Returns how many were."""
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM meta WHERE key = 'created'").fetchone() is None:
+                imported = self._import_first_round(db)
+                db.execute("INSERT INTO meta VALUES ('created', ?)", (now().isoformat(),))
+                if imported:
+                    log.warning("imported %d jobs from the first-round state directory %s",
+                                imported, self.dir / FIRST_ROUND_DIR)
+            rows = db.execute(f"SELECT id, progress FROM jobs WHERE status IN {_UNFINISHED}"
+                              ).fetchall()
+            for job_id, progress in rows:
+                phase = Progress.model_validate_json(progress).phase
+                db.execute("UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE id = ?",
+                           (*_failure(ErrorCode.interrupted, INTERRUPTED_MESSAGE, phase), job_id))
+        return len(rows)
+
+    def _import_first_round(self, db: sqlite3.Connection) -> int:
+        """Copy `jobs/*.json` (records {seq, request_hash, idempotency_key, request, job}) into
+        the new database, inside the caller's transaction. The files stay where they are."""
+        folder = self.dir / FIRST_ROUND_DIR
+        count = 0
+        for path in sorted(folder.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+                if not (isinstance(record, dict) and isinstance(record.get("seq"), int)
+                        and isinstance(record.get("request_hash"), str)
+                        and isinstance(record.get("idempotency_key"), (str, type(None)))):
+                    raise ValueError("not a job record")
+                job = ProbeJob.model_validate(record["job"])
+                request = json.dumps(record["request"])
+            except (OSError, ValueError, KeyError) as exc:
+                # A damaged file must not stop the server: set it aside, say so, go on.
+                log.error("skipping unreadable job file %s (%s: %s); renamed to *.corrupt",
+                          path.name, type(exc).__name__, str(exc)[:200])
                 try:
-                    rec = Record.from_json(path.read_text())
-                except (OSError, ValueError, KeyError) as exc:
-                    # A damaged file must not stop the server: set it aside, say so, go on.
-                    log.error("skipping unreadable job file %s (%s: %s); renamed to *.corrupt",
-                              path.name, type(exc).__name__, str(exc)[:200])
-                    try:
-                        path.rename(path.with_suffix(".corrupt"))
-                    except OSError:
-                        pass
-                    continue
-                if not rec.job.status.finished:
-                    self._fail(rec, ErrorCode.interrupted, "the server stopped before this job "
-                               "finished; resubmit it", rec.job.progress.phase)
-                    interrupted += 1
-                self._jobs[rec.job.id] = rec
-                if rec.idempotency_key:
-                    self._keys[rec.idempotency_key] = rec.job.id
-                self._seq = max(self._seq, rec.seq)
-            for tmp in self.dir.glob("*.json.tmp"):
-                tmp.unlink(missing_ok=True)
-        return interrupted
+                    path.rename(path.with_suffix(".corrupt"))
+                except OSError:
+                    pass
+                continue
+            db.execute(
+                "INSERT INTO jobs (seq, id, status, created_at, started_at, finished_at, "
+                "progress, error, result, request, request_hash, idempotency_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record["seq"], job.id, job.status.value, job.created_at.isoformat(),
+                 job.started_at and job.started_at.isoformat(),
+                 job.finished_at and job.finished_at.isoformat(), job.progress.model_dump_json(),
+                 job.error and job.error.model_dump_json(),
+                 job.result and job.result.model_dump_json(), request, record["request_hash"],
+                 record["idempotency_key"]))
+            count += 1
+        for tmp in folder.glob("*.json.tmp"):       # a write the first round did not finish
+            tmp.unlink(missing_ok=True)
+        return count
 
     # -- submission ----------------------------------------------------------------------------
     def create(self, req: ProbeRequest, idempotency_key: str | None,
@@ -129,131 +211,123 @@ class JobStore:
         """A new queued job, or (for a repeated idempotency key) the first one. Returns
         (job, created)."""
         digest = request_hash(req)
-        with self._lock:
-            if idempotency_key and idempotency_key in self._keys:
-                rec = self._jobs[self._keys[idempotency_key]]
-                if rec.request_hash != digest:
-                    raise IdempotencyConflict(
-                        "this Idempotency-Key was used with another request body")
-                return rec.job.model_copy(deep=True), False
-            if len(self._queue) >= max_queue:
-                raise QueueFull(f"{len(self._queue)} jobs are queued (limit {max_queue})")
-            self._seq += 1
-            job = ProbeJob(id=uuid.uuid4().hex, status=JobStatus.queued, created_at=now())
-            rec = Record(self._seq, job, req.model_dump_json(), digest, idempotency_key)
-            self._write(rec)
-            self._jobs[job.id] = rec
+        with self._transaction() as db:
             if idempotency_key:
-                self._keys[idempotency_key] = job.id
-            self._queue.append(job.id)
-            return job.model_copy(deep=True), True
+                row = db.execute(f"SELECT request_hash, {_JOB} FROM jobs WHERE "
+                                 "idempotency_key = ?", (idempotency_key,)).fetchone()
+                if row is not None:
+                    if row[0] != digest:
+                        raise IdempotencyConflict(
+                            "this Idempotency-Key was used with another request body")
+                    return _job(row[1:]), False
+            queued = db.execute("SELECT count(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+            if queued >= max_queue:
+                raise QueueFull(f"{queued} jobs are queued (limit {max_queue})")
+            job = ProbeJob(id=uuid.uuid4().hex, status=JobStatus.queued, created_at=now())
+            db.execute("INSERT INTO jobs (id, status, created_at, progress, request, "
+                       "request_hash, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (job.id, job.status.value, job.created_at.isoformat(),
+                        job.progress.model_dump_json(), req.model_dump_json(), digest,
+                        idempotency_key))
+            return job, True
 
     def take_next(self) -> tuple[str, str] | None:
-        """Pop the oldest queued job and mark it running. Returns (id, request JSON)."""
-        with self._lock:
-            if not self._queue:
+        """Mark the oldest queued job running. Returns (id, request JSON)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT id, request FROM jobs WHERE status = 'queued' "
+                             "ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
                 return None
-            rec = self._jobs[self._queue.popleft()]
-            rec.job.status, rec.job.started_at = JobStatus.running, now()
-            rec.job.progress = Progress(phase="starting")
-            self._write(rec)
-            return rec.job.id, rec.request
+            db.execute("UPDATE jobs SET status = 'running', started_at = ?, progress = ? "
+                       "WHERE id = ?", (now().isoformat(),
+                                        Progress(phase="starting").model_dump_json(), row[0]))
+            return row[0], row[1]
 
     # -- updates from the worker ---------------------------------------------------------------
     def progress(self, job_id: str, phase: str, done: int, total: int) -> None:
-        # In memory only: a restart reports the job interrupted at its last persisted phase.
-        with self._lock:
-            rec = self._jobs.get(job_id)
-            if rec and not rec.job.status.finished:
-                rec.job.progress = Progress(phase=phase, done=done, total=total)
+        """Not a state change: frequent, and not worth a disk flush each."""
+        with self._transaction(sync=False) as db:
+            db.execute(f"UPDATE jobs SET progress = ? WHERE id = ? AND status IN {_UNFINISHED}",
+                       (Progress(phase=phase, done=done, total=total).model_dump_json(), job_id))
 
-    def succeed(self, job_id: str, result: ProbeResult) -> ProbeJob | None:
-        with self._lock:
-            rec = self._jobs.get(job_id)
-            if rec is None or rec.job.status.finished:
-                return None
-            rec.job.status, rec.job.finished_at, rec.job.result = (
-                JobStatus.succeeded, now(), result)
-            rec.job.progress = Progress(phase="done", done=1, total=1)
-            self._write(rec)
-            return rec.job
+    def succeed(self, job_id: str, result: ProbeResult) -> bool:
+        """Record the result of an unfinished job. Returns whether it was recorded."""
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE jobs SET status = 'succeeded', finished_at = ?, progress = ?, result = ? "
+                f"WHERE id = ? AND status IN {_UNFINISHED}",
+                (now().isoformat(), Progress(phase="done", done=1, total=1).model_dump_json(),
+                 result.model_dump_json(), job_id))
+            return cur.rowcount == 1
 
     def fail(self, job_id: str, code: ErrorCode, message: str, phase: str | None = None,
-             memory_trace: list[dict] | None = None) -> ProbeJob | None:
-        with self._lock:
-            rec = self._jobs.get(job_id)
-            if rec is None or rec.job.status.finished:
-                return None
-            self._fail(rec, code, message, phase, memory_trace)
-            return rec.job
-
-    def _fail(self, rec: Record, code: ErrorCode, message: str, phase: str | None,
-              memory_trace: list[dict] | None = None) -> None:
-        rec.job.status = JobStatus.cancelled if code == ErrorCode.cancelled else JobStatus.failed
-        rec.job.finished_at = now()
-        rec.job.error = JobError(code=code, message=message, phase=phase,
-                                 memory_trace=memory_trace)
-        self._write(rec)
+             memory_trace: list[TracePoint] | None = None) -> bool:
+        """End an unfinished job with an error. Returns whether it was unfinished."""
+        with self._transaction() as db:
+            cur = db.execute(
+                f"UPDATE jobs SET status = ?, finished_at = ?, error = ? "
+                f"WHERE id = ? AND status IN {_UNFINISHED}",
+                (*_failure(code, message, phase, memory_trace), job_id))
+            return cur.rowcount == 1
 
     # -- user operations -----------------------------------------------------------------------
     def get(self, job_id: str) -> ProbeJob:
-        with self._lock:
-            rec = self._jobs.get(job_id)
-            if rec is None:
-                raise NotFound(job_id)
-            return rec.job.model_copy(deep=True)
+        rows = self._read(f"SELECT {_JOB} FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise NotFound(job_id)
+        return _job(rows[0])
 
     def list(self, status: JobStatus | None, limit: int,
              after: str | None) -> tuple[list[ProbeJob], bool]:
         """Newest first; `after` is the id of the last job of the previous page."""
+        where, args = [], []
         with self._lock:
-            recs = sorted(self._jobs.values(), key=lambda r: r.seq, reverse=True)
             if after is not None:
-                if after not in self._jobs:
+                row = self._db.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone()
+                if row is None:
                     raise NotFound(after)
-                recs = [r for r in recs if r.seq < self._jobs[after].seq]
+                where.append("seq < ?")
+                args.append(row[0])
             if status is not None:
-                recs = [r for r in recs if r.job.status == status]
-            page = [r.job.model_copy(deep=True) for r in recs[:limit]]
-            return page, len(recs) > limit
+                where.append("status = ?")
+                args.append(status.value)
+            sql = (f"SELECT {_JOB} FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''} "
+                   "ORDER BY seq DESC LIMIT ?")
+            rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
+        return [_job(r) for r in rows[:limit]], len(rows) > limit
 
     def request_cancel(self, job_id: str) -> ProbeJob:
         """Queued → cancelled now; running → cancelling (the worker stops at the next chunk
         boundary); cancelling stays; finished → Conflict."""
-        with self._lock:
-            rec = self._jobs.get(job_id)
-            if rec is None:
+        with self._transaction() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
                 raise NotFound(job_id)
-            job = rec.job
-            if job.status.finished:
-                raise Conflict(f"the job already finished ({job.status.value})")
-            if job.status == JobStatus.queued:
-                self._queue.remove(job_id)
-                self._fail(rec, ErrorCode.cancelled, "cancelled before it started", "queued")
-            elif job.status == JobStatus.running:
-                job.status = JobStatus.cancelling
-                self._write(rec)
-            return job.model_copy(deep=True)
+            status = JobStatus(row[0])
+            if status.finished:
+                raise Conflict(f"the job already finished ({status.value})")
+            if status == JobStatus.queued:
+                db.execute("UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE id = ?",
+                           (*_failure(ErrorCode.cancelled, "cancelled before it started",
+                                      "queued"), job_id))
+            elif status == JobStatus.running:
+                db.execute("UPDATE jobs SET status = 'cancelling' WHERE id = ?", (job_id,))
+            return _job(db.execute(f"SELECT {_JOB} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def delete(self, job_id: str) -> None:
-        with self._lock:
-            rec = self._jobs.get(job_id)
-            if rec is None:
+        with self._transaction() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
                 raise NotFound(job_id)
-            if not rec.job.status.finished:
-                raise Conflict(f"the job is {rec.job.status.value}: cancel it first")
-            del self._jobs[job_id]
-            if rec.idempotency_key:
-                self._keys.pop(rec.idempotency_key, None)
-            (self.dir / f"{job_id}.json").unlink(missing_ok=True)
+            if not JobStatus(row[0]).finished:
+                raise Conflict(f"the job is {row[0]}: cancel it first")
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def counts(self) -> dict[JobStatus, int]:
-        with self._lock:
-            out = {s: 0 for s in JobStatus}
-            for rec in self._jobs.values():
-                out[rec.job.status] += 1
-            return out
+        out = {s: 0 for s in JobStatus}
+        for status, n in self._read("SELECT status, count(*) FROM jobs GROUP BY status"):
+            out[JobStatus(status)] = n
+        return out
 
     def queue_length(self) -> int:
-        with self._lock:
-            return len(self._queue)
+        return self._read("SELECT count(*) FROM jobs WHERE status = 'queued'")[0][0]

@@ -1,29 +1,32 @@
-"""Server side of the worker: starts it, feeds it one job at a time, applies its messages to the
-store, and replaces it when it dies (the job it was running fails with `worker_crashed`).
+"""Server side of the workers: a pool of worker slots (one per ENTROPY_PROBE_DEVICES entry), the
+queue's jobs handed to idle workers, their messages applied to the store, and a dead worker
+replaced (the job it was running fails with `worker_crashed`, naming it; the others go on).
+
+Scheduling: the oldest queued job goes to an idle worker, preferring one that already holds its
+base model (no reload). One thread runs the loop; the HTTP handlers only read the slots and
+write cancel flags.
 
 Deadlines: each job carries its deadline to the worker, which stops at the next chunk boundary
-past it. A worker that is still on the job `deadline_grace_s` later (a step with no boundary: a
-huge load, a hung kernel) is killed and replaced; the job fails with `deadline_exceeded` too.
+past it. A worker that is still on the job `grace_s` later (a step with no boundary: a huge
+load, a hung kernel) is killed and replaced; the job fails with `deadline_exceeded` too.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import queue
-import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-from schemas import ErrorCode, ProbeRequest, ProbeResult
+from schemas import ErrorCode, JobStatus, ProbeRequest, ProbeResult
 from service import worker as w
 from service.metrics import Metrics
+from service.pool import Backend, WorkerHandle, base_model_of
 from service.store import JobStore
 
 log = logging.getLogger("entropy_probe.supervisor")
-POLL_S = 0.1
+POLL_S = 0.05
 RESTART_DELAY_S = 1.0
 WorkerMain = Callable[..., None]    # service.worker.main, or a test entry point that wraps it
 
@@ -40,155 +43,175 @@ class Deadlines:
         return timeout_s if self.max_job_s is None else min(timeout_s, self.max_job_s)
 
 
-def exit_reason(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit code {exitcode}"
+@dataclass
+class WorkerInfo:
+    """One worker slot as /readyz and /metrics show it."""
+
+    index: int
+    device: str                     # the ENTROPY_PROBE_DEVICES entry
+    state: str                      # starting | idle | busy | dead
+    pid: int | None
+    base_model: str | None          # the base model its cache holds
+    cpu_threads: int | None
+    job: str | None
 
 
-class WorkerProcess:
-    """One worker process with its own queues (a killed process can leave a queue unusable)."""
+@dataclass
+class Slot:
+    index: int
+    device: str
+    cfg: w.WorkerConfig
+    handle: WorkerHandle | None = None
+    ready: w.Ready | None = None
+    job: str | None = None
+    base_model: str | None = None
+    restart_at: float | None = None         # dead: when its successor starts
 
-    def __init__(self, cfg: w.WorkerConfig, target: WorkerMain = w.main):
-        ctx = mp.get_context("spawn")
-        self.jobs, self.events = ctx.Queue(), ctx.Queue()
-        self.cancel_id = ctx.Array("c", w.CANCEL_ID_BYTES)
-        self.process = ctx.Process(target=target, name="entropy-probe-worker", daemon=True,
-                                   args=(cfg, self.jobs, self.events, self.cancel_id))
-        self.process.start()
-        self.ready: w.Ready | None = None
-        self.stopped = False
+    @property
+    def state(self) -> str:
+        if self.handle is None:
+            return "dead"
+        if self.ready is None:
+            return "starting"
+        return "busy" if self.job is not None else "idle"
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the process and release its queues; a second call does nothing (the server
-        can stop while a dead worker waits to be replaced)."""
-        if self.stopped:
-            return
-        self.stopped = True
-        if self.process.is_alive():
-            try:
-                self.jobs.put(None)
-            except (OSError, ValueError):
-                pass
-            self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(2.0)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(2.0)
-        for q in (self.jobs, self.events):
-            q.cancel_join_thread()
-            q.close()
-        # Drop the semaphores now, not at interpreter exit (the resource tracker warns).
-        del self.jobs, self.events, self.cancel_id
+    @property
+    def name(self) -> str:
+        pid = self.ready.pid if self.ready else None
+        return f"worker {self.index} ({self.device}, pid {pid})"
+
+
+@dataclass
+class Run:
+    """A job in flight."""
+
+    id: str
+    slot: int
+    deadline_s: float | None
+    started: float = field(default_factory=time.time)
+    phase: str = "starting"
+    overdue: bool = False           # killed past its deadline's grace
+
+    def past_grace(self, grace_s: float) -> bool:
+        return (self.deadline_s is not None and not self.overdue
+                and time.time() > self.started + self.deadline_s + grace_s)
 
 
 class Supervisor:
-    def __init__(self, store: JobStore, cfg: w.WorkerConfig, metrics: Metrics,
-                 deadlines: Deadlines = Deadlines(), target: WorkerMain = w.main):
-        self.store, self.cfg, self.metrics = store, cfg, metrics
-        self.deadlines, self.target = deadlines, target
-        self.worker: WorkerProcess | None = None
-        self.current: str | None = None           # the job the worker is running
-        self._phase: str | None = None
-        self._started = 0.0
-        self._deadline_s: float | None = None     # the current job's
-        self._overdue: bool = False               # killed past its deadline's grace
+    def __init__(self, store: JobStore, backend: Backend, metrics: Metrics,
+                 deadlines: Deadlines = Deadlines()):
+        self.store, self.metrics, self.deadlines = store, metrics, deadlines
+        self.backend, self.spawn = backend, backend.spawn
+        self.slots = [Slot(i, dev, c) for i, (dev, c) in enumerate(backend.slots)]
+        self.runs: dict[str, Run] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()      # the loop holds it for a whole step
 
     # -- public --------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
     def start(self) -> None:
-        self.worker = WorkerProcess(self.cfg, self.target)
+        for slot in self.slots:
+            slot.handle = self.spawn(slot.index, slot.cfg)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10.0)
         with self._lock:
-            if self.worker is not None:
-                if self.current is not None:     # stop at the next chunk boundary
-                    self.worker.cancel_id.value = self.current.encode()
-                self.worker.stop()
-                self.worker = None
-            if self.current is not None:
-                self.store.fail(self.current, ErrorCode.interrupted, "the server shut down while "
-                                "this job was running; resubmit it", self._phase)
-                self.current = None
+            for run in self.runs.values():      # stop at the next chunk boundary
+                handle = self.slots[run.slot].handle
+                if handle is not None:
+                    handle.cancel(run.id)
+            for slot in self.slots:
+                if slot.handle is not None:
+                    slot.handle.stop()
+                    slot.handle = None
+            for run in self.runs.values():
+                self.store.fail(run.id, ErrorCode.interrupted, "the server shut down while "
+                                "this job was running; resubmit it", run.phase)
+            self.runs.clear()
+        self.backend.close()
 
-    def ready(self) -> w.Ready | None:
-        wp = self.worker
-        return wp.ready if wp is not None and wp.process.is_alive() else None
+    def workers(self) -> list[WorkerInfo]:
+        with self._lock:
+            return [WorkerInfo(s.index, s.device, s.state, s.ready.pid if s.ready else None,
+                               s.base_model, s.ready.cpu_threads if s.ready else None, s.job)
+                    for s in self.slots]
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
-            if self.current == job_id and self.worker is not None:
-                self.worker.cancel_id.value = job_id.encode()
+            run = self.runs.get(job_id)
+            handle = self.slots[run.slot].handle if run else None
+            if handle is not None:
+                handle.cancel(job_id)
 
     # -- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._step()
+                if not self._step():
+                    self._stop.wait(POLL_S)
             except Exception:   # noqa: BLE001 - the supervisor must keep serving
                 log.exception("supervisor step failed")
-                time.sleep(POLL_S)
+                self._stop.wait(POLL_S)
 
-    def _step(self) -> None:
-        wp = self.worker
+    def _step(self) -> bool:
+        """One pass over the slots; whether any message arrived."""
         with self._lock:
-            if self.current is None and wp.ready is not None:
-                nxt = self.store.take_next()
-                if nxt is not None:
-                    self.current, self._phase, self._started = nxt[0], "starting", time.time()
-                    timeout = ProbeRequest.model_validate_json(nxt[1]).timeout_s
-                    self._deadline_s = self.deadlines.of(timeout)
-                    wp.cancel_id.value = b""
-                    wp.jobs.put(w.Job(*nxt, deadline_s=self._deadline_s))
-            elif self.current is not None and self._past_grace():
-                self._overdue = True
-                log.error("job %s: no chunk boundary %g s past its deadline; killing worker %s",
-                          self.current, self.deadlines.grace_s, wp.process.pid)
-                wp.process.kill()
+            active = False
+            for slot in self.slots:
+                active |= self._service(slot)
+            self._dispatch()
+            self._enforce_deadlines()
+            return active
+
+    def _service(self, slot: Slot) -> bool:
+        if slot.handle is None:
+            if slot.restart_at is not None and time.time() >= slot.restart_at \
+                    and not self._stop.is_set():
+                slot.restart_at = None
+                slot.handle = self.spawn(slot.index, slot.cfg)
+                self.metrics.worker_restarted(slot.index, slot.device)
+            return False
         try:
-            msg = wp.events.get(timeout=POLL_S)
-        except queue.Empty:
-            if not wp.process.is_alive():
-                self._replace(wp)
-            return
+            messages = slot.handle.poll()
         except (EOFError, OSError):
-            self._replace(wp)
-            return
-        self._handle(wp, msg)
+            messages = None
+        for msg in messages or []:
+            self._handle(slot, msg)
+        if messages is None or (not messages and not slot.handle.alive()):
+            self._lost(slot)
+        return bool(messages)
 
-    def _past_grace(self) -> bool:
-        return (self._deadline_s is not None and not self._overdue and
-                time.time() > self._started + self._deadline_s + self.deadlines.grace_s)
-
-    def _handle(self, wp: WorkerProcess, msg) -> None:
+    def _handle(self, slot: Slot, msg) -> None:
         if isinstance(msg, w.Ready):
-            wp.ready = msg
-            log.info("worker %d ready on %s", msg.pid, msg.device)
-        elif isinstance(msg, w.JobProgress):
-            self._phase = msg.phase
+            slot.ready = msg
+            log.info("%s ready", slot.name)
+            return
+        run = self.runs.get(getattr(msg, "job_id", None))
+        if run is None or run.slot != slot.index:
+            return                                  # a late message of a finished job
+        if isinstance(msg, w.JobProgress):
+            run.phase = msg.phase
             self.store.progress(msg.job_id, msg.phase, msg.done, msg.total)
         elif isinstance(msg, (w.JobDone, w.JobFailed)):
             # Whatever happens while recording it, the job is over: the next one must start.
+            status = JobStatus.failed
             try:
-                self._record(msg)
+                status = self._record(slot, msg)
             finally:
-                self._job_ended()
+                slot.base_model = msg.base_model
+                self._end(run, slot, status)
 
-    def _record(self, msg: w.JobDone | w.JobFailed) -> None:
+    def _record(self, slot: Slot, msg: w.JobDone | w.JobFailed) -> JobStatus:
         if isinstance(msg, w.JobFailed):
-            self.store.fail(msg.job_id, ErrorCode(msg.code), msg.message, msg.phase,
-                            msg.memory_trace)
-            return
+            code = ErrorCode(msg.code)
+            self.store.fail(msg.job_id, code, msg.message, msg.phase, msg.memory_trace)
+            return JobStatus.cancelled if code == ErrorCode.cancelled else JobStatus.failed
         try:
             result = ProbeResult.model_validate_json(msg.result_json)
         except ValueError as exc:
@@ -196,37 +219,67 @@ class Supervisor:
             self.store.fail(msg.job_id, ErrorCode.internal_error, "the probe finished but its "
                             "result did not fit the result schema; the server log has details",
                             "done")
-            return
+            return JobStatus.failed
         self.store.succeed(msg.job_id, result)
-        self.metrics.job_memory(result.memory.peak_host_rss_bytes,
+        self.metrics.job_memory(slot.index, slot.device, result.memory.peak_host_rss_bytes,
                                 result.memory.peak_device_bytes, msg.base_reused)
+        return JobStatus.succeeded
 
-    def _job_ended(self) -> None:
-        with self._lock:
-            self.metrics.job_ran(time.time() - self._started)
-            self.current = None
+    def _end(self, run: Run, slot: Slot, status: JobStatus) -> None:
+        self.metrics.job_ended(slot.index, slot.device, status, time.time() - run.started)
+        self.runs.pop(run.id, None)
+        slot.job = None
 
-    def _replace(self, wp: WorkerProcess) -> None:
-        """The worker died: fail its job with the reason, start a new one."""
-        wp.process.join(1.0)
-        reason = exit_reason(wp.process.exitcode)
-        log.error("worker %s died (%s)", wp.process.pid, reason)
-        with self._lock:
-            if self.current is not None and self._overdue:
-                self.store.fail(self.current, ErrorCode.deadline_exceeded,
-                                w.deadline_message(self._deadline_s, self._phase, killed=True),
-                                self._phase)
-            elif self.current is not None:
-                self.store.fail(
-                    self.current, ErrorCode.worker_crashed,
-                    f"the worker process died while running this job ({reason}); a new worker "
-                    "was started: resubmit the job (SIGKILL often means the host ran out of "
-                    "memory)", self._phase)
-            if self.current is not None:
-                self.metrics.job_ran(time.time() - self._started)
-                self.current, self._overdue = None, False
-        wp.stop(timeout=0.5)
-        if self._stop.wait(RESTART_DELAY_S):
-            return
-        self.metrics.worker_restarts += 1
-        self.worker = WorkerProcess(self.cfg, self.target)
+    def _lost(self, slot: Slot) -> None:
+        """The worker died: fail its job with the reason, start a successor after a pause."""
+        handle, name = slot.handle, slot.name
+        reason = handle.exit_reason()
+        log.error("%s died (%s)", name, reason)
+        run = self.runs.get(slot.job) if slot.job else None
+        if run is not None and run.overdue:
+            self.store.fail(run.id, ErrorCode.deadline_exceeded,
+                            w.deadline_message(run.deadline_s, run.phase, killed=True), run.phase)
+            self._end(run, slot, JobStatus.failed)
+        elif run is not None:
+            self.store.fail(
+                run.id, ErrorCode.worker_crashed,
+                f"{name} died while running this job ({reason}); a new worker was started: "
+                "resubmit the job (SIGKILL often means the host ran out of memory)", run.phase)
+            self._end(run, slot, JobStatus.failed)
+        slot.handle, slot.ready, slot.job, slot.base_model = None, None, None, None
+        slot.restart_at = time.time() + RESTART_DELAY_S
+        handle.stop(timeout=0.5)
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        while True:
+            idle = [s for s in self.slots if s.state == "idle"]
+            if not idle:
+                return
+            nxt = self.store.take_next()
+            if nxt is None:
+                return
+            job_id, request_json = nxt
+            try:
+                req = ProbeRequest.model_validate_json(request_json)
+            except ValueError as exc:           # the store holds validated requests only
+                self.store.fail(job_id, ErrorCode.internal_error,
+                                f"stored request unreadable: {str(exc)[:200]}", "queued")
+                continue
+            base = base_model_of(req)
+            slot = min(idle, key=lambda s: (s.base_model is None or s.base_model != base,
+                                            s.index))
+            run = Run(job_id, slot.index, self.deadlines.of(req.timeout_s))
+            self.runs[job_id], slot.job = run, job_id
+            slot.handle.cancel("")
+            slot.handle.send(w.Job(job_id, request_json, deadline_s=run.deadline_s))
+
+    def _enforce_deadlines(self) -> None:
+        for run in self.runs.values():
+            slot = self.slots[run.slot]
+            if run.past_grace(self.deadlines.grace_s) and slot.handle is not None:
+                run.overdue = True
+                log.error("job %s: no chunk boundary %g s past its deadline; killing %s",
+                          run.id, self.deadlines.grace_s, slot.name)
+                slot.handle.kill()
+

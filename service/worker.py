@@ -14,7 +14,6 @@ Tests inject faults through `wrap_hooks` (tests/faults.py); the production path 
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -23,6 +22,8 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from probe_core.spec import RuntimeOptions
 
 PROGRESS_INTERVAL_S = 0.1
 CANCEL_ID_BYTES = 64
@@ -33,12 +34,13 @@ log = logging.getLogger("entropy_probe.worker")
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    device: str
-    checkpoint_roots: tuple[str, ...]
-    trust_remote_code: bool
+    """Built from Settings by service.settings.worker_config."""
+
+    options: RuntimeOptions
     host_budget_bytes: int
-    max_trainable_params: int = 50_000_000
     cpu_threads: int | None = None          # torch.set_num_threads; None: torch's choice
+    cuda_visible_devices: str | None = None  # the worker's pin; None: as the server's
+    remote: bool = False                    # may run on another host (Ray): paths may differ
 
 
 @dataclass
@@ -68,6 +70,7 @@ class JobDone:
     job_id: str
     result_json: str
     base_reused: bool
+    base_model: str | None = None           # what the worker's model cache holds now
 
 
 @dataclass
@@ -76,7 +79,8 @@ class JobFailed:
     code: str
     message: str
     phase: str | None
-    memory_trace: list[dict] | None = None
+    memory_trace: list | None = None        # [schemas.result.TracePoint] up to the failure
+    base_model: str | None = None
 
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\"]+")
@@ -103,6 +107,8 @@ HooksWrapper = Callable[["ProbeHooks", "ProbeRequest"], "ProbeHooks"]
 def main(cfg: WorkerConfig, jobs, events, cancel_id, wrap_hooks: HooksWrapper | None = None
          ) -> None:
     """Entry point of the worker process (multiprocessing 'spawn')."""
+    if cfg.cuda_visible_devices is not None:    # before anything initialises CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.cuda_visible_devices
     import warnings
 
     import torch
@@ -119,7 +125,8 @@ def main(cfg: WorkerConfig, jobs, events, cancel_id, wrap_hooks: HooksWrapper | 
         torch.set_num_threads(cfg.cpu_threads)
     parent = os.getppid()
     cache = ModelCache()
-    events.put(Ready(os.getpid(), str(resolve_device(cfg.device)), torch.get_num_threads()))
+    events.put(Ready(os.getpid(), str(resolve_device(cfg.options.device)),
+                     torch.get_num_threads()))
     while True:
         try:
             job = jobs.get(timeout=IDLE_POLL_S)
@@ -129,7 +136,9 @@ def main(cfg: WorkerConfig, jobs, events, cancel_id, wrap_hooks: HooksWrapper | 
             continue
         if job is None:
             return
-        events.put(_run(job, cfg, cache, events, cancel_id, parent, wrap_hooks))
+        outcome = _run(job, cfg, cache, events, cancel_id, parent, wrap_hooks)
+        outcome.base_model = cache.key[0] if cache.key else None
+        events.put(outcome)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -140,9 +149,8 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
          wrap_hooks: HooksWrapper | None):
     from probe_core.errors import DeadlineExceeded, ProbeError
     from probe_core.probe import ProbeHooks, run_probe
-    from probe_core.spec import RuntimeOptions
     from schemas import ProbeRequest
-    from service.mapping import to_result, to_spec
+    from service.mapping import to_result, to_spec, trace_points
 
     deadline = None if job.deadline_s is None else time.monotonic() + job.deadline_s
     last = {"phase": "load", "t": 0.0}
@@ -161,10 +169,7 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
 
     try:
         req = ProbeRequest.model_validate_json(job.request_json)
-        opts = RuntimeOptions(
-            device=cfg.device, checkpoint_roots=list(cfg.checkpoint_roots),
-            trust_remote_code=cfg.trust_remote_code,
-            max_trainable_params=cfg.max_trainable_params)
+        opts = cfg.options
         spec = to_spec(req, host_budget_bytes=cfg.host_budget_bytes)
         hooks = ProbeHooks(progress, should_cancel, deadline)
         if wrap_hooks is not None:
@@ -175,7 +180,11 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
     except ProbeError as exc:
         message = (deadline_message(job.deadline_s, exc.phase)
                    if isinstance(exc, DeadlineExceeded) else exc.message)
-        trace = [dataclasses.asdict(t) for t in exc.trace] or None
+        if cfg.remote and exc.code == "checkpoint_not_found":
+            from service.ray_backend import SHARED_STORAGE_HINT
+            message += (f" (seen from the worker on host {os.uname().nodename}; "
+                        f"{SHARED_STORAGE_HINT})")
+        trace = trace_points(exc.trace) or None
         return JobFailed(job.id, exc.code, plain(message), exc.phase, trace)
     except Exception as exc:   # noqa: BLE001 - the worker must survive anything a job does
         log.exception("job %s failed unexpectedly", job.id)

@@ -64,17 +64,30 @@ class Server:
         from service.client import ProbeClient
         return ProbeClient(self.url, token=self.token)
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S, not_pid: int | None = None) -> int:
-        """Poll /readyz until 200 (with a worker pid other than not_pid); returns the pid."""
+    def ready_pids(self) -> list[int]:
+        """Pids of the ready (idle or busy) workers, from /readyz ([] while none is)."""
+        try:
+            r = self.http.get("/readyz", timeout=2.0)
+        except httpx.TransportError:
+            return []
+        return [w["pid"] for w in r.json().get("workers", [])
+                if w["state"] in ("idle", "busy")] if r.status_code in (200, 503) else []
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S, not_pid: int | None = None,
+                   workers: int = 1) -> int:
+        """Poll /readyz until `workers` workers are ready, none of them not_pid; returns the
+        first one's pid."""
+        return self.wait_workers(workers, timeout, not_pid)[0]
+
+    def wait_workers(self, n: int, timeout: float = READY_TIMEOUT_S,
+                     not_pid: int | None = None) -> list[int]:
+        """Poll /readyz until n workers are ready (none of them not_pid); their pids."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"server exited: {self.read_log()[-2000:]}"
-            try:
-                r = self.http.get("/readyz", timeout=2.0)
-                if r.status_code == 200 and r.json()["worker_pid"] != not_pid:
-                    return r.json()["worker_pid"]
-            except httpx.TransportError:
-                pass
+            pids = self.ready_pids()
+            if len(pids) >= n and not_pid not in pids:
+                return pids
             time.sleep(0.2)
         raise TimeoutError(f"server not ready in {timeout} s: {self.read_log()[-2000:]}")
 
@@ -294,3 +307,15 @@ def write_broken_checkpoints(root: Path, outside: Path,
     d["limit"] = (_param_count(str(adapter / "adapter_model.safetensors"))
                   + _param_count(str(base / "model.safetensors"))) // 2
     return d
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """The sum of /metrics samples called `name` whose labels include `labels`, read with
+    prometheus_client's parser (so the text must parse)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    r = server.http.get("/metrics")
+    assert r.status_code == 200, r.text
+    found = [smp.value for fam in text_string_to_metric_families(r.text) for smp in fam.samples
+             if smp.name == name and labels.items() <= smp.labels.items()]
+    assert found, f"{name} {labels} not in /metrics:\n{r.text}"
+    return sum(found)

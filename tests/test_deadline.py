@@ -17,7 +17,7 @@ from schemas import ErrorCode, JobStatus
 from service.supervisor import Deadlines
 from helpers import JOB_TIMEOUT_S, poll, quick_request, slow_request
 
-GRACE_S = 3.0
+GRACE_S = 10.0     # generous: on a loaded CPU a chunk can take seconds
 SERVER_ENV = {"fault_hook": "hang:rollouts", "deadline_grace_seconds": str(GRACE_S),
               "max_job_seconds": "600", "cpu_threads": "2"}
 pytestmark = pytest.mark.timeout(300)
@@ -43,7 +43,7 @@ def test_timeout_s_must_be_positive_and_bounded(module_server, tiny_checkpoint, 
 
 
 def test_readyz_reports_the_cpu_threads_setting(module_server):
-    assert module_server.http.get("/readyz").json()["cpu_threads"] == 2
+    assert module_server.http.get("/readyz").json()["workers"][0]["cpu_threads"] == 2
 
 
 def test_a_job_past_its_deadline_stops_at_a_chunk_boundary(module_server, tiny_checkpoint):
@@ -51,13 +51,13 @@ def test_a_job_past_its_deadline_stops_at_a_chunk_boundary(module_server, tiny_c
     with module_server.client() as client:           # the base is loaded: the next load is short
         client.wait(client.submit(quick_request(tiny_checkpoint, seed=2)), JOB_TIMEOUT_S,
                     poll=0.1)
-    r = module_server.http.post("/probes", json={**slow_request(tiny_checkpoint),
-                                                 "timeout_s": 0.5})
+    body = {**slow_request(tiny_checkpoint), "responses_per_prompt": 4, "timeout_s": 0.5}
+    r = module_server.http.post("/probes", json=body)        # 4 sequences per generate()
     job = finished(module_server, r.json()["id"])
     assert job.status == JobStatus.failed and job.error.code == ErrorCode.deadline_exceeded
     assert job.error.phase in PHASES
     assert "0.5 s" in job.error.message and "chunk boundary" in job.error.message
-    assert job.error.memory_trace[-1]["phase"] == job.error.phase    # ends where it stopped
+    assert job.error.memory_trace[-1].phase == job.error.phase      # ends where it stopped
     assert (job.finished_at - job.started_at).total_seconds() < 0.5 + GRACE_S
     assert module_server.wait_ready() == pid          # stopped by itself: the same worker
     with module_server.client() as client:           # and the next job runs normally

@@ -22,7 +22,7 @@ import torch
 
 from exact_world import (all_responses, flat_grad, load_policy, response_moments,
                          sampled_rollouts)
-from probe_core.entropy import pathwise_objective
+from probe_core.entropy import logprob_objective, pathwise_objective
 from probe_core.probe import run_probe
 from probe_core.rollouts import assemble
 from probe_core.spec import (CheckpointSpec, EntropySpec, GenerationSpec, ProbeSpec,
@@ -155,6 +155,15 @@ def _grad(value: torch.Tensor, params) -> torch.Tensor:
                       for g, p in zip(grads, params)])
 
 
+def _weighted_grad(objective, coef: torch.Tensor, params) -> torch.Tensor:
+    """Σ_i coef_i ∇O_i through the objective's own backward (as the probe runs it)."""
+    outputs, grad_outputs = objective.backward_args(coef.float())
+    grads = torch.autograd.grad(outputs, params, grad_outputs, retain_graph=True,
+                                allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                      for g, p in zip(grads, params)])
+
+
 def _enumerated_tokens(world, prompt_text: str):
     """probe_core's teacher forcing (with grad) of every response of one prompt."""
     _, exact, _, tok = world
@@ -170,20 +179,20 @@ def test_identities_by_enumeration(world, prompt_text):
     """Σ_y π(y) Σ_t h_t = H_n; Σ_y π(y) ∇F(y) = ∇H_n (pathwise plus score-to-go form);
     Σ_y π(y) β ∇S(y) = 0 for a constant baseline; Σ_y π(y) T ∇S(y) = ∇E_n[T]."""
     _, exact, _, _ = world
-    tokens, prompt = _enumerated_tokens(world, prompt_text)
-    s = tokens.sequence_sum("logprob")                                   # [R] with a graph
+    tokens, prompt = _enumerated_tokens(world, prompt_text)       # the fused head's path
+    s = tokens.sequence_sum("logprob")                                   # [R], detached
     f = tokens.sequence_sum("entropy")
-    pi = s.detach().double().exp()
+    pi = s.double().exp()
     h_exact, t_exact = response_moments(exact.model, prompt, exact.responses)
     assert abs(float(pi.sum()) - 1) < 1e-5
     assert math.isclose(float((pi * f.detach().double()).sum()), float(h_exact), rel_tol=1e-5)
     grad_h = _grad(h_exact, exact.params)
-    pathwise = _grad((pi.float() * pathwise_objective(tokens)).sum(), exact.params)
+    pathwise = _weighted_grad(pathwise_objective(tokens), pi, exact.params)
     torch.testing.assert_close(pathwise, grad_h, rtol=1e-4, atol=1e-5 * float(grad_h.abs().max()))
-    baseline = _grad((pi.float() * s).sum(), exact.params)           # Σπ∇S = ∇Σπ = 0
+    baseline = _weighted_grad(logprob_objective(tokens), pi, exact.params)   # Σπ∇S = ∇Σπ = 0
     assert float(baseline.norm()) < 1e-4 * float(grad_h.norm())
-    lengths = torch.tensor([len(r) for r in exact.responses], dtype=torch.float32)
-    length_grad = _grad((pi.float() * lengths * s).sum(), exact.params)
+    lengths = torch.tensor([len(r) for r in exact.responses], dtype=torch.float64)
+    length_grad = _weighted_grad(logprob_objective(tokens), pi * lengths, exact.params)
     grad_t = flat_grad(t_exact, exact.params)
     torch.testing.assert_close(length_grad, grad_t, rtol=1e-4,
                                atol=1e-5 * float(grad_t.abs().max()))

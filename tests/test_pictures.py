@@ -238,4 +238,4 @@ def test_figures_of_a_cuda_trace_and_missing_statistics_are_valid_json(module_se
     bad.write_text(json.dumps({"hello": 1}))
     with pytest.raises(ValueError, match="delta_h1"):
         JobView.from_file(bad)
-    assert cli(["report", "--output", str(tmp_path / "none.html")]) == 1
+    assert cli(["report", "--output", str(tmp_path / "none.html")]) == 2     # bad input

@@ -22,8 +22,18 @@ from probe_core.adamw import AdamWStep
 DOT_BLOCK_BYTES = 2 << 20   # each float64 temporary of unit_dots stays below this
 
 
+class Concatenable:
+    """Per-unit (or per-sequence) dataclasses that concatenate field by field: the reduce of a
+    map over shards."""
+
+    @classmethod
+    def cat(cls, parts: list):
+        """The parts' rows, in order."""
+        return concat_units(parts)
+
+
 @dataclass
-class BilinearDots:
+class BilinearDots(Concatenable):
     """Per-unit dots of a bilinear form X·(W⊙Y).
 
     Fields (float64 [U] each): diag X_u·WY_u; x_ybar X_u·WȲ; xbar_y X̄·WY_u.
@@ -33,14 +43,9 @@ class BilinearDots:
     x_ybar: torch.Tensor
     xbar_y: torch.Tensor
 
-    @classmethod
-    def cat(cls, parts: list[BilinearDots]) -> BilinearDots:
-        """The dots of several groups of units, in order."""
-        return concat_units(parts)
-
 
 @dataclass
-class UnitDots:
+class UnitDots(Concatenable):
     """Everything δH₁ needs from the unit vectors once the step is known.
 
     Fields:
@@ -54,11 +59,6 @@ class UnitDots:
     step_weighted: BilinearDots
     momentum: torch.Tensor
     decay: torch.Tensor
-
-    @classmethod
-    def cat(cls, parts: list[UnitDots]) -> UnitDots:
-        """The dots of several shards of units (a reduce step), in unit order."""
-        return concat_units(parts)
 
 
 def concat_units(parts: list):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from schemas import JobStatus, ProbeJob, ProbeResult
 from schemas.result import TracePoint
 
@@ -72,8 +74,14 @@ class JobView:
             data = json.loads(text)
         except ValueError as exc:
             raise ValueError(f"{path}: not JSON ({exc})") from None
-        if isinstance(data, dict) and "status" in data and "id" in data:
-            return cls.from_job(ProbeJob.model_validate(data))
-        result = ProbeResult.model_validate(data)
+        try:
+            if isinstance(data, dict) and "status" in data and "id" in data:
+                return cls.from_job(ProbeJob.model_validate(data))
+            result = ProbeResult.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "the document"
+            raise ValueError(f"{path}: neither a result nor a job ({exc.error_count()} errors; "
+                             f"{where}: {first['msg']})") from None
         return cls(id=Path(path).stem, status="succeeded", result=result,
                    duration_s=result.timing.total)

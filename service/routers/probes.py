@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from probe_core.errors import ProbeError
-from probe_core.paths import confine, destination_problem
 from schemas import JobList, JobStatus, ProbeJob, ProbeRequest
-from service.auth import get_settings, require_token
+from service.admission import path_errors
+from service.auth import require_token
+from service.dependencies import get_settings, get_store, get_supervisor
 from service.errors import error_response
 from service.settings import Settings
 from service.store import Conflict, IdempotencyConflict, JobStore, NotFound, QueueFull
+from service.supervisor import Supervisor
 
 router = APIRouter(prefix="/probes", tags=["probes"], dependencies=[Depends(require_token)],
                    responses={401: error_response("Missing or wrong bearer token")})
@@ -30,40 +31,6 @@ _SUBMIT = {413: error_response("Body too large (ENTROPY_PROBE_MAX_BODY_BYTES)"),
            429: error_response("Queue full; see Retry-After")}
 
 
-def get_store(request: Request) -> JobStore:
-    return request.app.state.store
-
-
-def _check_paths(req: ProbeRequest, roots: list[str]) -> None:
-    """422 naming the field for a checkpoint path outside the roots or missing."""
-    ck = req.checkpoint
-    fields = [(("checkpoint", "base_model"), ck.base_model, True),
-              (("checkpoint", "adapter"), ck.adapter, True),
-              (("checkpoint", "optimizer"), ck.optimizer, True),
-              (("save_updated_adapter_to",), req.save_updated_adapter_to, False)]
-    errors = []
-    for loc, path, must_exist in fields:
-        if path is None:
-            continue
-        try:
-            resolved = confine(path, roots, what=loc[-1], must_exist=must_exist)
-        except ProbeError as exc:
-            errors.append({"type": exc.code, "loc": ["body", *loc], "msg": exc.message,
-                           "input": path})
-            continue
-        except (ValueError, UnicodeError):      # the schema refuses these; never a 500
-            errors.append({"type": "invalid_request", "loc": ["body", *loc],
-                           "msg": f"{loc[-1]} is not a valid file name"})
-            continue
-        if loc == ("save_updated_adapter_to",) and (
-                problem := destination_problem(resolved, [p for p in (ck.adapter, ck.base_model)
-                                                          if p])):
-            errors.append({"type": "invalid_request", "loc": ["body", *loc], "input": path,
-                           "msg": problem})
-    if errors:
-        raise HTTPException(422, detail=errors)
-
-
 def _not_found(job_id: str) -> HTTPException:
     return HTTPException(404, f"no job with id {job_id[:100]!r}")
 
@@ -74,7 +41,13 @@ def submit(req: ProbeRequest, response: Response, store: JobStore = Depends(get_
            settings: Settings = Depends(get_settings),
            idempotency_key: str | None = Header(None, max_length=255)) -> ProbeJob:
     """Queue a probe job. A repeat with the same Idempotency-Key returns the first job."""
-    _check_paths(req, settings.roots)
+    if errors := path_errors(req, settings.roots):
+        if settings.backend == "ray":           # the workers may run on other hosts
+            from service.ray_backend import SHARED_STORAGE_HINT
+            for e in errors:
+                if e["type"] == "checkpoint_not_found":
+                    e["msg"] += f" on the server's host ({SHARED_STORAGE_HINT})"
+        raise HTTPException(422, detail=errors)
     try:
         job, _ = store.create(req, idempotency_key, settings.max_queue)
     except IdempotencyConflict as exc:
@@ -119,7 +92,8 @@ def get_job(job_id: str, response: Response, store: JobStore = Depends(get_store
 
 
 @router.post("/{job_id}/cancel", response_model=ProbeJob, responses={**_404, **_409})
-def cancel(job_id: str, request: Request, store: JobStore = Depends(get_store)) -> ProbeJob:
+def cancel(job_id: str, store: JobStore = Depends(get_store),
+           supervisor: Supervisor = Depends(get_supervisor)) -> ProbeJob:
     """Queued → cancelled now; running → cancelling, then cancelled at the next chunk."""
     try:
         job = store.request_cancel(job_id)
@@ -128,7 +102,7 @@ def cancel(job_id: str, request: Request, store: JobStore = Depends(get_store)) 
     except Conflict as exc:
         raise HTTPException(409, str(exc)) from None
     if job.status == JobStatus.cancelling:
-        request.app.state.supervisor.cancel(job_id)
+        supervisor.cancel(job_id)
     return job
 
 

@@ -13,7 +13,7 @@ from service.errors import error_response
 from service.pictures import dashboard
 from service.pictures.page import ASSETS, UI_CSP, ui_page
 from service.pictures.views import JobView
-from service.routers.probes import get_store
+from service.dependencies import get_store
 from service.store import JobStore
 
 router = APIRouter(tags=["ui"])
