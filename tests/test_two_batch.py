@@ -27,14 +27,16 @@ from probe_core.spec import (CheckpointSpec, EntropyBatchSpec, EntropySpec, Gene
                              ProbeSpec, RealizedSpec)
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
 
-WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.1, seed=5)
+WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.3, seed=5)
 POOL = ["".join(c) for k in (1, 2) for c in itertools.product("abcde", repeat=k)] + \
     ["abc", "bad", "cab", "dec", "eda", "ace", "bed", "cde", "dab", "eab"]     # 40 distinct
 G_U, MAX_NEW = 6, 3
 B_U = 8
 E_SEQUENCES = 64          # B_E·G_E, the same for every G_E
-LR = 0.05
+LR = 0.02                 # first order holds: the calibration studies
+COMPARE_LR = 0.05         # a larger step, for a change on fresh prompts well above the noise
 SEEDS = int(os.environ.get("TWO_BATCH_SEEDS", 40))
+COMPARE_SEEDS = 24
 
 
 @dataclass
@@ -107,7 +109,7 @@ def _draw(seed: int, n: int) -> list[int]:
 
 
 def _run(pool: Pool, seed: int, g_e: int | None, kind=("token_mean", "full_vocabulary"),
-         multipliers=(1.0,)):
+         multipliers=(1.0,), lr: float = LR):
     """One probe: U batch of B_U pool prompts (sampled rollouts, reward = 'a' in the response),
     with an E batch of E_SEQUENCES/g_e other draws from the pool when g_e is set. Returns
     (outcome, U prompt indices, E prompt indices)."""
@@ -118,7 +120,7 @@ def _run(pool: Pool, seed: int, g_e: int | None, kind=("token_mean", "full_vocab
     spec = ProbeSpec(
         checkpoint=CheckpointSpec(pool.base, pool.adapter), rollouts=rollouts,
         reward_kind="provided", responses_per_prompt=G_U,
-        generation=GenerationSpec(max_new_tokens=MAX_NEW), lr_override=LR,
+        generation=GenerationSpec(max_new_tokens=MAX_NEW), lr_override=lr,
         realized=RealizedSpec(lr_multipliers=list(multipliers)), microbatch_size=64,
         trace_memory=False, seed=seed, entropy=EntropySpec(*kind),
         entropy_batch=None if g_e is None else EntropyBatchSpec(
@@ -174,13 +176,13 @@ def test_two_batch_measures_the_held_out_change_where_single_batch_measures_in_s
     """The audit's comparison at B = 8 with prompts drawn independently, on the same U step:
     the two-batch ΔH (SNIS on held-out responses) and δH₁ are centred on the exact change of
     the E prompts. The single-batch realized ΔH is compared with the exact change on fresh
-    prompts (the pool's) and its excess is printed: in this 6-token world it is below what 40
+    prompts (the pool's) and its excess is printed: in this 6-token world it is below what 24
     seeds resolve (the closing note of issue 14 gives the numbers), so it is reported, not
     asserted."""
     rows = []
-    for seed in range(SEEDS):
-        single, u_idx, _ = _run(pool, seed, None)
-        double, _, e_idx = _run(pool, seed, 1)
+    for seed in range(COMPARE_SEEDS):
+        single, u_idx, _ = _run(pool, seed, None, lr=COMPARE_LR)
+        double, _, e_idx = _run(pool, seed, 1, lr=COMPARE_LR)
         delta = single.step.delta
         torch.testing.assert_close(double.step.delta, delta)     # the same step from U
         everyone = list(range(len(POOL)))
@@ -195,15 +197,16 @@ def test_two_batch_measures_the_held_out_change_where_single_batch_measures_in_s
                      fresh))
     single_excess, double_err, single_d1, double_d1, fresh = (
         torch.tensor(c, dtype=torch.float64) for c in zip(*rows))
+    root = COMPARE_SEEDS ** .5
     print(f"\nT_pop {float(fresh.mean()):+.4f}; single-batch SNIS excess "
-          f"{float(single_excess.mean()):+.4f} ± {float(single_excess.std()) / SEEDS ** .5:.4f};"
+          f"{float(single_excess.mean()):+.4f} ± {float(single_excess.std()) / root:.4f};"
           f" two-batch ΔH error {float(double_err.mean()):+.4f} ± "
-          f"{float(double_err.std()) / SEEDS ** .5:.4f}; SD of δH₁ error single "
+          f"{float(double_err.std()) / root:.4f}; SD of δH₁ error single "
           f"{float(single_d1.std()):.4e} two-batch {float(double_d1.std()):.4e}")
     assert abs(_z_of_mean(double_err)) < 4
     assert abs(_z_of_mean(double_d1)) < 4
     # the comparison has power: both two-batch errors are small next to the change itself
-    assert float(double_err.std()) / SEEDS ** .5 < 0.25 * abs(float(fresh.mean()))
+    assert float(double_err.std()) / root < 0.25 * abs(float(fresh.mean()))
 
 
 def test_a_two_batch_request_maps_onto_a_valid_result(pool):
