@@ -47,7 +47,7 @@ class SingleResponsePlan(SummaryPlan):
     baseline b∇S, length T∇S for token_mean, pathwise ∇F for full_vocabulary), because the
     leave-one-out baseline over the other E sequences needs the whole batch."""
 
-    def combine(self, logprob_sums, pathwise_sums, stats, prompt_weight
+    def combine(self, logprob_sums, pathwise_sums, stats, prompt_weight, bonus_sums=None
                 ) -> dict[str, torch.Tensor]:
         rows = logprob_sums[0]                                                  # [K, P]
         raw = {"ones": rows[0], "baseline": rows[1]}
