@@ -149,3 +149,18 @@ def test_reward_side_is_the_same_when_units_are_recomputed(ckpt):
         assert math.isclose(a.entropy_coef_for_target.value, b.entropy_coef_for_target.value,
                             rel_tol=1e-5)
     assert a.entropy_bonus_term != 0.0
+
+
+def test_nulls_when_the_step_is_zero(ckpt):
+    """lr 0: δJ₁ = 0, so no exchange rate; the bonus slope is 0, so no coefficient for a
+    target (rather than a division by zero)."""
+    base, adapter = ckpt
+    tok = load_policy(base, adapter)[1]
+    spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=_rollouts(tok),
+                     reward_kind="provided", responses_per_prompt=G,
+                     generation=GenerationSpec(max_new_tokens=MAX_NEW), lr_override=0.0,
+                     objective=ObjectiveSpec(entropy_coef=0.3, target_delta_h=0.01),
+                     realized=RealizedSpec(enabled=False))
+    out = run_probe(spec)
+    assert out.reward.delta_j1.total == 0.0 and out.reward.exchange_rate is None
+    assert out.reward.entropy_coef_for_target is None and out.reward.entropy_bonus_term == 0.0
