@@ -10,6 +10,7 @@ from probe_core.adamw import AdamWStep
 from probe_core.entropy import SequenceStats
 from probe_core.estimators import DeltaH1
 from probe_core.proxy import CovarianceProxy
+from probe_core.reward_side import RewardOutcome
 from probe_core.importance import SnisEstimate
 from probe_core.memory import MemoryTracer
 
@@ -104,6 +105,7 @@ class ProbeOutcome:
     base_reused: bool
     warnings: list[str] = field(default_factory=list)
     per_prompt: PerPromptView | None = None
+    reward: RewardOutcome | None = None      # δJ₁, exchange rate, entropy bonus (issue 15)
     # for library users and tests (not in the JSON): the flat gradient summaries and the step
     step: AdamWStep | None = None
     x_bar: torch.Tensor | None = None     # [P] float64

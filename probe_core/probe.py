@@ -46,7 +46,10 @@ from probe_core.rollouts import Batch, batch_for
 from probe_core.spec import PHASES, Phase, ProbeSpec, RuntimeOptions
 from probe_core.stages import (GradientShard, keeps_unit_vectors, map_gradients, map_unit_dots,
                                reduce_gradients, reduce_stats, unit_vectors)
-from probe_core.summaries import UPDATE, SummaryPlan
+from probe_core.reward_side import (RewardDots, RewardMeans, RewardOutcome, bonus_scale,
+                                    fold_bonus, informative_units, reward_dots, reward_outcome,
+                                    reward_weights)
+from probe_core.summaries import BONUS, REWARD, UPDATE, SummaryPlan
 from probe_core.step import ParameterSwap, save_adapter
 from probe_core.teacher_forcing import TeacherForcer, all_logprobs_subset, sequence_values
 
@@ -54,7 +57,7 @@ __all__ = ["PHASES", "ProbeHooks", "resolve_device", "run_probe"]
 
 MIN_GROUP_SIZE = 2          # the leave-one-out baseline and group advantages need two
 MIN_UNITS_FOR_JACKKNIFE = 3
-NOISE_CHECK_SEQUENCES = 8   # sequences recomputed with another chunking for the noise floor
+NOISE_CHECK_SEQUENCES = 4   # sequences recomputed with another chunking for the noise floor
 
 
 @dataclass
@@ -93,6 +96,8 @@ class _Plan:
     layout: UnitLayout
     update: UpdateWeights
     summaries: SummaryPlan
+    bonus_weight: float = 0.0     # c·s: TRL's entropy bonus folded into Y (reward_side)
+    bonus_scale: float = 0.0      # s = B/T_tot
 
 
 @dataclass
@@ -114,6 +119,7 @@ class _StepResult:
     step: AdamWStep
     estimate: DeltaH1
     updated_adapter: str | None
+    reward: RewardOutcome
 
 
 class _Probe:
@@ -234,10 +240,15 @@ class _Probe:
         self._enter("teacher_forcing")
         update = update_weights(self.spec.objective, self.spec.generation.max_new_tokens,
                                 rewards, batch.lengths)
-        summaries = SummaryPlan(self.spec.entropy, {UPDATE: update.c_y}, batch.group_size)
+        objective = self.spec.objective
+        summaries = SummaryPlan(self.spec.entropy,
+                                {UPDATE: update.c_y, REWARD: reward_weights(rewards)},
+                                batch.group_size, bonus=objective.needs_bonus_gradient)
+        scale = bonus_scale(batch.lengths, batch.num_prompts)
         self._finish("teacher_forcing")
         return _Plan(batch=batch, rewards=rewards, layout=layout, update=update,
-                     summaries=summaries)
+                     summaries=summaries, bonus_weight=objective.entropy_coef * scale,
+                     bonus_scale=scale)
 
     def _gradients(self, acc: GradientAccumulator, plan: _Plan) -> _Measured:
         """Phase 2 (a map over one shard holding every unit, then its reduce)."""
@@ -248,6 +259,10 @@ class _Probe:
         shard = map_gradients(acc, layout, plan.summaries, keep, mb,
                               on_chunk=self._counter(sum(map(len, layout.chunks(mb)))))
         self._count_gradient_passes(shard.forward_grad, shard.backward)
+        if plan.summaries.bonus:   # the step's direction is Y + c·s·P (TRL's entropy bonus)
+            for vectors in (shard.vectors, shard.sums):
+                if vectors is not None:
+                    fold_bonus(vectors, UPDATE, BONUS, plan.bonus_weight)
         stats = reduce_stats([shard], plan.batch.num_sequences)
         self._finish("gradients")
         return _Measured(shard=shard, stats=stats,
@@ -265,12 +280,23 @@ class _Probe:
         state = AdamWState.from_states(ck.states, self.spec.lr_override)
         means = reduce_gradients([measured.shard], measured.scalars)
         step = adamw_step(state, means.y_bar, swap.theta(), self.spec.max_grad_norm)
-        if measured.shard.vectors is not None:
-            dots = map_unit_dots(measured.shard, step, means, measured.scalars)
+        shard, units = measured.shard, plan.layout.num_units
+        r_means = RewardMeans(x_bar=means.x_bar, y_bar=means.y_bar,
+                              z_bar=shard.sums[REWARD] / units,
+                              p_bar=shard.sums[BONUS] / units if BONUS in shard.sums else None)
+        if shard.vectors is not None:
+            dots = map_unit_dots(shard, step, means, measured.scalars)
+            v = shard.vectors
+            r_dots = reward_dots(v["x"], v[UPDATE], v[REWARD], v.get(BONUS), step, r_means)
         else:
-            dots = self._recomputed_dots(acc, plan, measured.scalars, step, means)
+            dots, r_dots = self._recomputed_dots(acc, plan, measured.scalars, step, means,
+                                                 r_means)
         estimate = self.estimator.delta_h1(dots, step.kappa)
         check_finite(estimate, state)
+        objective = self.spec.objective
+        estimate, reward = reward_outcome(
+            estimate, r_dots, step.kappa, informative_units(plan.rewards, plan.layout),
+            objective.entropy_coef, plan.bonus_scale, objective.target_delta_h)
         self._warn_degenerate(plan.update.advantages, state, plan.layout.num_units)
         updated = None
         if self.save_to is not None:   # the real step, s = 1, whatever the multipliers are
@@ -281,22 +307,26 @@ class _Probe:
                 swap.restore()
         self._finish("step")
         return _StepResult(state=state, means=means, step=step, estimate=estimate,
-                           updated_adapter=updated)
+                           updated_adapter=updated, reward=reward)
 
     def _recomputed_dots(self, acc: GradientAccumulator, plan: _Plan, scalars: EntropyScalars,
-                         step: AdamWStep, means: UnitMeans) -> UnitDots:
+                         step: AdamWStep, means: UnitMeans, r_means: RewardMeans
+                         ) -> tuple[UnitDots, RewardDots]:
         """The unit dots when the unit summaries did not fit the host: each unit again."""
         self.warnings.append("unit vectors exceeded the host memory budget: a second gradient "
                              "pass recomputed them")
-        layout, parts = plan.layout, []
+        layout, parts, r_parts = plan.layout, [], []
         for u, chunks in enumerate(layout.chunks(self.spec.microbatch_size)):
             grad = acc.unit(chunks, plan.summaries, layout.prompt_weight[layout.prompts[u]],
                             on_chunk=self._counter(0))
             self._count_gradient_passes(grad.forward_grad, grad.backward)
-            x = scalars.entropy_vector(grad.summary.entropy, grad.summary.length)
-            parts.append(unit_dots(x.cpu()[None], grad.summary.direct[UPDATE].cpu()[None],
-                                   step, means))
-        return UnitDots.cat(parts)
+            v = {k: t.cpu()[None] for k, t in grad.summary.vectors().items()}
+            if plan.summaries.bonus:
+                fold_bonus(v, UPDATE, BONUS, plan.bonus_weight)
+            x = scalars.entropy_vector(v["entropy"], v.get("length"))
+            parts.append(unit_dots(x, v[UPDATE], step, means))
+            r_parts.append(reward_dots(x, v[UPDATE], v[REWARD], v.get(BONUS), step, r_means))
+        return UnitDots.cat(parts), RewardDots.cat(r_parts)
 
     def _warn_degenerate(self, adv: torch.Tensor, state: AdamWState, n_units: int) -> None:
         if bool((adv == 0).all()):
@@ -384,7 +414,8 @@ class _Probe:
             optimizer=optimizer, passes=self.passes, timing=self.timing, memory=self.tracer,
             device=str(self.device), updated_adapter=result.updated_adapter,
             grad_method=grad_method, base_reused=ck.base_reused, warnings=self.warnings,
-            per_prompt=self._per_prompt(plan, result, realized), step=step,
+            per_prompt=self._per_prompt(plan, result, realized), reward=result.reward,
+            step=step,
             x_bar=result.means.x_bar, y_bar=result.means.y_bar, unit_x=x, unit_y=y,
             sequences=measured.stats)
 

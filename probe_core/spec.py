@@ -51,6 +51,12 @@ class ObjectiveSpec:
     length_norm: LengthNorm = "constant"
     length_norm_constant: float | None = None
     advantage_eps: float | None = None      # None: the kind's default (rewards.advantages)
+    entropy_coef: float = 0.0               # TRL's bonus: the step's loss is L − c·H_tok
+    target_delta_h: float | None = None     # ask for the entropy_coef giving this δH₁
+
+    @property
+    def needs_bonus_gradient(self) -> bool:
+        return self.entropy_coef != 0.0 or self.target_delta_h is not None
 
 
 @dataclass

@@ -28,20 +28,58 @@ class LogitScale:
     softcap: float | None
 
 
-def _head_outputs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                  scale: LogitScale, entropy: bool):
-    """For [k, d] hidden states: log softmax(z/τ)[target] [k] fp32, and with `entropy` also
-    h = −Σ_a π_a log π_a [k] fp32 (else None)."""
+def _scaled_logits(head: torch.nn.Module, hidden: torch.Tensor, scale: LogitScale
+                   ) -> torch.Tensor:
+    """u = softcap(head(hidden))/τ for [k, d] hidden states, [k, V] fp32."""
     logits = head(hidden).float()                                     # [k, V]
     if scale.softcap:
         logits = scale.softcap * torch.tanh(logits / scale.softcap)
     if scale.temperature != 1.0:        # x/1 == x exactly: skip a [k, V] pass at τ = 1
         logits = logits / scale.temperature
-    logprob = -F.cross_entropy(logits, targets, reduction="none")
+    return logits
+
+
+def _token_values(u: torch.Tensor, targets: torch.Tensor, entropy: bool):
+    """log π[target] [k], h [k] (or None), log π [k, V] and π [k, V] (or None) of logits u.
+    Every path (no grad, checkpointed, fused) goes through here, so S and S⁺ agree bit for bit
+    where the parameters do."""
+    log_p = torch.log_softmax(u, dim=-1)                              # [k, V]
+    logprob = log_p.gather(1, targets[:, None])[:, 0]
     if not entropy:
-        return logprob, None
-    log_p = torch.log_softmax(logits, dim=-1)                         # [k, V]
-    return logprob, -(log_p.exp() * log_p).sum(-1)
+        return logprob, None, log_p, None
+    p = log_p.exp()
+    return logprob, -(p * log_p).sum(-1), log_p, p
+
+
+def _head_outputs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                  scale: LogitScale, entropy: bool):
+    """For [k, d] hidden states: log softmax(z/τ)[target] [k] fp32, and with `entropy` also
+    h = −Σ_a π_a log π_a [k] fp32 (else None); differentiable."""
+    logprob, ent, _, _ = _token_values(_scaled_logits(head, hidden, scale), targets, entropy)
+    return logprob, ent
+
+
+def _head_input_grads(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+                      scale: LogitScale, entropy: bool):
+    """log π [k], h [k] and their input-gradients ∂/∂hidden [k, d] (∂h: None without entropy)
+    in closed form, for a frozen Linear head: with u the scaled logits, ∂log π_y/∂u = e_y − π,
+    ∂h/∂u = −π⊙(log π + h), then through /τ, the softcap and the head's weight, the two
+    stacked into one matmul."""
+    u = _scaled_logits(head, hidden, scale)                           # [k, V]
+    logprob, ent, log_p, p = _token_values(u, targets, entropy)
+    p = log_p.exp() if p is None else p
+    grads = [-p]
+    grads[0].scatter_add_(1, targets[:, None], torch.ones_like(logprob)[:, None])
+    if entropy:
+        grads.append(-p * (log_p + ent[:, None]))
+    g = torch.cat(grads) if entropy else grads[0]                     # [k or 2k, V]
+    if scale.temperature != 1.0:
+        g = g / scale.temperature
+    if scale.softcap:            # d(c·tanh(z/c))/dz = 1 − tanh², tanh = u·τ/c
+        g = g * (1 - (u * (scale.temperature / scale.softcap)) ** 2).repeat(len(grads), 1)
+    x_grad = (g.to(head.weight.dtype) @ head.weight).to(hidden.dtype)  # [k or 2k, d]
+    k = hidden.shape[0]
+    return logprob, ent, x_grad[:k], (x_grad[k:] if entropy else None)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -163,21 +201,31 @@ class TeacherForcer:
         cross-entropy kernels do): log π [M], h [M] (detached) and HeadGradients."""
         step = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab)
         values: list[list[torch.Tensor]] = [[], [], [], []]     # lp, h, ∂lp/∂x, ∂h/∂x
-        with torch.enable_grad():
-            for i in range(0, h.shape[0], step):
-                x = h[i:i + step].detach().requires_grad_(True)             # [k, d]
-                lp, ent = _head_outputs(self.head, x, targets[i:i + step], self.scale, entropy)
-                outs = [lp] + ([ent] if entropy else [])
-                for k, out in enumerate(outs):
-                    # each token's value depends on its own row only: Σ's gradient is per token
-                    grad, = torch.autograd.grad(out.sum(), x, retain_graph=k < len(outs) - 1)
-                    values[k].append(out.detach())
-                    values[2 + k].append(grad)
+        for i in range(0, h.shape[0], step):
+            x = h[i:i + step].detach()                                      # [k, d]
+            for k, v in enumerate(self._chunk_input_grads(x, targets[i:i + step], entropy)):
+                if v is not None:
+                    values[k].append(v)
         lp, ent, g_lp, g_ent = (torch.cat(v) if v else None for v in values)
         if lp is None:
             lp, g_lp = h.new_zeros(0, dtype=torch.float32), h.new_zeros(h.shape)
             ent, g_ent = (lp, g_lp) if entropy else (None, None)
         return lp, ent, HeadGradients(hidden=h, logprob=g_lp, entropy=g_ent)
+
+    def _chunk_input_grads(self, x: torch.Tensor, targets: torch.Tensor, entropy: bool):
+        """(log π, h, ∂log π/∂x, ∂h/∂x) of one token chunk: closed form for a Linear head,
+        else autograd through the head (each token's value depends on its own row only, so
+        the gradient of the sum is per token)."""
+        with torch.no_grad():
+            if type(self.head) is torch.nn.Linear:
+                return _head_input_grads(self.head, x, targets, self.scale, entropy)
+        with torch.enable_grad():
+            x = x.requires_grad_(True)
+            lp, ent = _head_outputs(self.head, x, targets, self.scale, entropy)
+            outs = [lp] + ([ent] if entropy else [])
+            grads = torch.autograd.grad([o.sum() for o in outs], [x] * len(outs))
+        return lp.detach(), (ent.detach() if entropy else None), grads[0], \
+            (grads[1] if entropy else None)
 
 
 @dataclass

@@ -12,6 +12,7 @@ MAX_PATH_CHARS = 4096
 MAX_TOKEN_ID = 2**31 - 1
 MAX_ABS_REWARD = 1e6
 MAX_TIMEOUT_S = 30 * 86400   # 30 days: beyond this a deadline is a typo, not a plan
+MAX_ENTROPY_COEF = 1e3
 MIN_TEMPERATURE = 1e-3       # logits / τ must stay finite in float32 and bfloat16
 
 
@@ -121,6 +122,13 @@ class ObjectiveSpec(_Strict):
     length_norm_constant: float | None = Field(
         None, ge=1e-3, description="C for length_norm=constant; default max_new_tokens "
         "(or the longest response for client rollouts).")
+    entropy_coef: float = Field(
+        0.0, ge=-MAX_ENTROPY_COEF, le=MAX_ENTROPY_COEF, description="TRL's entropy_coef: the "
+        "step's loss is L − c·H_tok, H_tok the batch's token-mean full-vocabulary entropy "
+        "differentiated through the logits (one more backward when ≠ 0).")
+    target_delta_h: float | None = Field(
+        None, ge=-1e6, le=1e6, description="Report delta_h1.entropy_coef_for_target: the "
+        "entropy_coef at which δH₁ (first order, this step's D and κ) equals this value.")
 
 
 class EstimatorSpec(_Strict):

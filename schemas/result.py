@@ -19,6 +19,11 @@ class UStatistic(_Out):
     zeta1_jackknife: float | None = None
 
 
+class ValueSE(_Out):
+    value: float
+    se: float | None
+
+
 class DeltaH1(_Out):
     total: float
     se: float | None = Field(description="Delete-one jackknife SE of total (null if units < 3).")
@@ -28,6 +33,26 @@ class DeltaH1(_Out):
     mode: str
     units: int
     u_statistic: UStatistic
+    entropy_bonus_term: float = Field(0.0, description="The part of δH₁ from the entropy "
+                                      "bonus in the step (objective.entropy_coef); "
+                                      "gradient_term excludes it.")
+    entropy_coef_for_target: ValueSE | None = Field(
+        None, description="With objective.target_delta_h: the entropy_coef at which δH₁ "
+        "equals the target (D and κ of this step held fixed); null when the slope is not clear "
+        "of zero by one SE.")
+
+
+class DeltaJ1(_Out):
+    total: float = Field(description="∇J·Δθ, J the U batch's mean reward (leave-one-out "
+                         "baselines, cross-unit U-statistic against Δθ).")
+    se: float | None = Field(description="Delete-one jackknife SE (null if units < 3).")
+    gradient_term: float
+    momentum_term: float
+    weight_decay_term: float
+    entropy_bonus_term: float = 0.0
+    informative_units: int = Field(description="Units with a non-constant reward.")
+    se_reliable: bool = Field(description="False when fewer than 4 units carry reward signal "
+                              "(sparse rewards): the SE then understates the spread.")
 
 
 class RealizedRow(_Out):
@@ -154,6 +179,10 @@ class CheckpointEcho(_Out):
 
 class ProbeResult(_Out):
     delta_h1: DeltaH1
+    delta_j1: DeltaJ1 | None = None
+    exchange_rate: ValueSE | None = Field(
+        None, description="δH₁/δJ₁ (delta method): entropy spent per unit of mean reward "
+        "gained; null unless δJ₁ is at least one SE from zero.")
     entropy: EntropyKind | None = None
     realized: Realized | None
     batch: BatchSummary

@@ -11,7 +11,10 @@ import argparse
 import os
 import sys
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_HOST, DEFAULT_PORT = LOOPBACK_HOSTS[0], 8000
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
+DEFAULT_WAIT_S = 3600.0
 EXIT_FAILED = 1          # the probe or job ran and failed, or the server refused the call
 EXIT_BAD_INPUT = 2       # what the user gave (a file, a setting, an id) is wrong; as argparse
 
@@ -75,7 +78,7 @@ def cmd_serve(args) -> int:
 
     from service.app import create_app
     settings = load_settings()
-    if settings.api_token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if settings.api_token is None and args.host not in LOOPBACK_HOSTS:
         print(f"entropy-probe serve: listening on {args.host} without ENTROPY_PROBE_API_TOKEN: "
               "anyone who can reach the port can run jobs", file=sys.stderr)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
@@ -84,6 +87,8 @@ def cmd_serve(args) -> int:
 
 def cmd_run(args) -> int:
     """In-process probe, no server, under the server's settings and checks."""
+    settings = load_settings()
+    req = read_request(args.request, settings)      # refused before torch is even imported
     import time
 
     from probe_core.errors import ProbeError
@@ -93,8 +98,6 @@ def cmd_run(args) -> int:
     from service.summary import progress_line, summarize
     from service.supervisor import Deadlines
 
-    settings = load_settings()
-    req = read_request(args.request, settings)
     seconds = Deadlines(settings.max_job_seconds).of(req.timeout_s)
     hooks = ProbeHooks(progress=progress_line,
                        deadline=None if seconds is None else time.monotonic() + seconds)
@@ -163,6 +166,8 @@ def cmd_tiny(args) -> int:
 
 def cmd_demo(args) -> int:
     from service.demo import run_demo
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise BadInput(f"--dir {args.dir} is a file: name a directory for the tiny checkpoint")
     return run_demo(args.dir)
 
 
@@ -182,8 +187,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the HTTP service (settings: ENTROPY_PROBE_* env)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default=DEFAULT_HOST)
+    s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
 
@@ -201,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--url", default=os.environ.get("ENTROPY_PROBE_URL", DEFAULT_URL))
         if name == "submit":
             s.add_argument("--wait", action="store_true", help="poll until it finishes")
-            s.add_argument("--timeout", type=float, default=3600.0)
+            s.add_argument("--timeout", type=float, default=DEFAULT_WAIT_S)
         s.set_defaults(func=func)
 
     s = sub.add_parser("report", help="the /ui plots as one self-contained HTML file")

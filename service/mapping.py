@@ -55,7 +55,8 @@ def _generation_spec(g: asked.GenerationSpec) -> core.GenerationSpec:
 def _objective_spec(o: asked.ObjectiveSpec) -> core.ObjectiveSpec:
     return core.ObjectiveSpec(advantage=o.advantage, length_norm=o.length_norm,
                               length_norm_constant=o.length_norm_constant,
-                              advantage_eps=o.advantage_eps)
+                              advantage_eps=o.advantage_eps, entropy_coef=o.entropy_coef,
+                              target_delta_h=o.target_delta_h)
 
 
 def _realized_spec(r: asked.RealizedSpec) -> core.RealizedSpec:
@@ -85,6 +86,24 @@ def _version(pkg: str) -> str:
 
 def _reward(est, name: str) -> float | None:
     return None if est.reward is None else _finite(getattr(est.reward, name))
+
+
+def _value_se(x) -> wire.ValueSE | None:
+    if x is None or not math.isfinite(x.value):
+        return None
+    return wire.ValueSE(value=x.value, se=_finite(x.se))
+
+
+def _delta_j1(out: ProbeOutcome) -> wire.DeltaJ1 | None:
+    if out.reward is None:
+        return None
+    d = out.reward.delta_j1
+    return wire.DeltaJ1(total=_num(d.total), se=_finite(d.se),
+                        gradient_term=_num(d.gradient_term),
+                        momentum_term=_num(d.momentum_term),
+                        weight_decay_term=_num(d.weight_decay_term),
+                        entropy_bonus_term=_num(d.entropy_bonus_term),
+                        informative_units=d.informative_units, se_reliable=d.se_reliable)
 
 
 def _realized(out: ProbeOutcome) -> wire.Realized | None:
@@ -154,7 +173,12 @@ def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None) 
                 value=_num(u.value), bars_dot=_num(u.bars_dot), diag_sum=_num(u.diag_sum),
                 se_plugin=_finite(u.se_plugin), zeta1_plugin=_finite(u.zeta1_plugin),
                 se_jackknife=_finite(u.se_jackknife),
-                zeta1_jackknife=_finite(u.zeta1_jackknife))),
+                zeta1_jackknife=_finite(u.zeta1_jackknife)),
+            entropy_bonus_term=_num(out.reward.entropy_bonus_term) if out.reward else 0.0,
+            entropy_coef_for_target=_value_se(out.reward.entropy_coef_for_target
+                                              if out.reward else None)),
+        delta_j1=_delta_j1(out),
+        exchange_rate=_value_se(out.reward.exchange_rate if out.reward else None),
         entropy=wire.EntropyKind(normalization=out.entropy.normalization,
                                  estimator=out.entropy.estimator,
                                  temperature=out.entropy.temperature),

@@ -225,6 +225,11 @@ def test_tiny_checkpoint_bad_flag(tmp_path, flag, value, words):
     assert "Traceback" not in proc.stderr and not (tmp_path / "ck").exists()
 
 
+def test_demo_bad_dir_is_one_line(tmp_path):
+    a_file = write(tmp_path, "x", "not-a-dir")
+    assert_bad_input(cli("demo", "--dir", a_file, timeout=60), "--dir", "is a file")
+
+
 # -- report ------------------------------------------------------------------------------------
 
 def test_report_bad_input_is_one_line(tmp_path):

@@ -17,6 +17,7 @@ from headless import browser, is_local, open_tab, resource_urls, wait_until  # n
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
 from probe_core.trainer_state import trainer_step
 from service.cli import main as cli
+from service.client import ProbeFailed
 from service.demo import demo_request
 
 TOKEN = "pictures-token"
@@ -92,12 +93,23 @@ def test_trainer_step_reads_trainer_state_then_the_folder_name(tmp_path):
     assert trainer_step(None) is None
 
 
-def test_results_carry_the_checkpoint_and_its_step(module_server, jobs):
+def test_results_carry_the_checkpoint_and_its_step(module_server, jobs, tiny_checkpoint,
+                                                    run_dir):
     with module_server.client() as client:
         for job_id, (adapter, step) in jobs.items():
-            result = client.get(job_id).result
-            assert result.checkpoint_step == step
-            assert result.checkpoint.adapter == adapter
+            job = client.get(job_id)
+            assert job.result.checkpoint_step == step
+            assert job.result.checkpoint.adapter == adapter == job.checkpoint.adapter
+        # a job that fails still says which checkpoint it was on (the /ui table shows it)
+        broken = os.path.join(run_dir, "checkpoint-3")
+        shutil.copytree(os.path.join(run_dir, "checkpoint-2"), broken,
+                        ignore=shutil.ignore_patterns("optimizer.pt"))
+        job_id = client.submit(_request(tiny_checkpoint[0], broken))
+        with pytest.raises(ProbeFailed):
+            client.wait(job_id, timeout=JOB_TIMEOUT_S)
+        job = client.get(job_id)
+        assert job.error.code.value == "optimizer_state_missing"
+        assert job.checkpoint.adapter == broken and job.result is None
 
 
 def test_ui_asks_for_the_token_then_draws_jobs_and_plots_and_follows_new_jobs(
@@ -127,6 +139,7 @@ def test_ui_asks_for_the_token_then_draws_jobs_and_plots_and_follows_new_jobs(
     assert [[1, 2], [1, 2]] in steps
     table = page.inner_text("#ep-jobs")
     assert "checkpoint-2" in table and "succeeded" in table and "±" in table
+    assert "checkpoint-3" in table and "[optimizer_state_missing]" in table  # the failed one
     _screenshot(tab, "ui.png")
 
     # a job submitted now shows up, finished, without a reload

@@ -39,6 +39,11 @@ def test_objective_follows_loss_type_and_scale_rewards(tmp_path, loss_type, scal
     args = _config(tmp_path, loss_type=loss_type, scale_rewards=scale, temperature=0.7,
                    max_grad_norm=0.5)
     fields = trainer_fields(args)
+    assert "entropy_coef" not in fields["objective"]                  # TRL's default 0
+    with_bonus = trainer_fields(_config(tmp_path, loss_type=loss_type, entropy_coef=0.05))
+    assert with_bonus["objective"]["entropy_coef"] == 0.05
+    # under adaptive control the trainer's current coefficient wins over args' initial one
+    assert trainer_fields(args, entropy_coef=0.02)["objective"]["entropy_coef"] == 0.02
     assert fields == {"objective": objective,
                       "generation": {"temperature": 0.7, "max_new_tokens": 12},
                       "optimizer_overrides": {"max_grad_norm": 0.5}}

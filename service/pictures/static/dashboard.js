@@ -18,14 +18,15 @@
     return node;
   };
 
+  // Fixed point between 0.01 and 10⁴, else exponent: small estimates stay readable.
+  const tiny = (a) => a !== 0 && (a < 1e-2 || a >= 1e4);
   function num(v) {
     if (v === null || v === undefined) return "";
-    const a = Math.abs(v);
-    return (v >= 0 ? "+" : "") + (a !== 0 && (a < 1e-2 || a >= 1e4) ? v.toExponential(2)
-                                                                   : v.toFixed(4));
+    return (v >= 0 ? "+" : "") + (tiny(Math.abs(v)) ? v.toExponential(2) : v.toFixed(4));
   }
-  const pm = (v, se) => v === null || v === undefined ? "" :
-    num(v) + (se === null || se === undefined ? " (SE n/a)" : " ± " + Math.abs(se).toPrecision(2));
+  const se = (s) => tiny(Math.abs(s)) ? Math.abs(s).toExponential(1) : Math.abs(s).toFixed(3);
+  const pm = (v, s) => v === null || v === undefined ? "" :
+    num(v) + (s === null || s === undefined ? " (SE n/a)" : " ± " + se(s));
   const seconds = (s) => s === null || s === undefined ? "" :
     s < 60 ? s.toFixed(1) + " s" : Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
   const short = (path) => path ? path.split("/").filter(Boolean).pop() : "";
@@ -36,6 +37,7 @@
       ["status", (j) => j.status + (j.progress ? " · " + j.progress : ""), "status"],
       ["checkpoint", (j) => short(j.checkpoint), ""],
       ["step", (j) => j.step === null ? "" : String(j.step), "num"],
+      ["entropy", (j) => j.entropy || "", ""],
       ["δH₁ ± SE (predicted)", (j) => pm(j.delta_h1, j.delta_h1_se), "num"],
       ["ΔH ± SE (realized)", (j) => pm(j.delta_h, j.delta_h_se), "num"],
     ];
@@ -140,7 +142,7 @@
     template = dash.template;
     selected = dash.selected !== null ? dash.selected : selected;
     renderTable(dash.jobs);
-    plots($("ep-runs"), dash.runs.map((r) => ["run:" + r.run, r.figure]));
+    plots($("ep-runs"), dash.runs.map((r) => ["run:" + r.run + ":" + r.entropy, r.figure]));
     $("ep-no-runs").hidden = dash.runs.length > 0;
     renderDetails(dash.details, dash.jobs);
   }
