@@ -133,7 +133,7 @@ def lr_curve_figure(job: JobView) -> dict | None:
     d, se = r.delta_h1.total, r.delta_h1.se or 0.0
     s_line = sorted({0.0, *(row.lr_multiplier for row in rows)})
     fig = go.Figure(layout=_layout(
-        f"First order along the step · {_plain(job.id)} · {entropy_kind(r)}",
+        f"First order along the step · {entropy_kind(r)}",
         f"lr multiplier s (s = 1: the real step, lr {r.optimizer.lr:.2e})",
         f"ΔH ({entropy_unit(r)})"))
     fig.add_scatter(x=s_line, y=[s * (d + se) for s in s_line], mode="lines", hoverinfo="skip",
@@ -172,7 +172,7 @@ def memory_figure(job: JobView) -> dict | None:
     y_title = "host RSS, MiB" + (" (dashed: device peak)" if any(
         p.device_peak_bytes is not None for p in trace) else "")
     title = "Memory by phase" + (" up to the failure" if job.result is None else "")
-    fig = go.Figure(layout=_layout(f"{title} · {_plain(job.id)}",
+    fig = go.Figure(layout=_layout(title,
                                    "time since the probe started (s)", y_title,
                                    legend_title_text="phase"))
     spare: dict[str, str] = {}

@@ -30,12 +30,14 @@
   const seconds = (s) => s === null || s === undefined ? "" :
     s < 60 ? s.toFixed(1) + " s" : Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
   const short = (path) => path ? path.split("/").filter(Boolean).pop() : "";
+  // "run-3/checkpoint-200": the run and the checkpoint (the full path is the cell's title)
+  const lastTwo = (path) => path ? path.split("/").filter(Boolean).slice(-2).join("/") : "";
 
   function columns(jobs) {
     const cols = [
       ["job", (j) => j.id, "id"],
       ["status", (j) => j.status + (j.progress ? " · " + j.progress : ""), "status"],
-      ["checkpoint", (j) => short(j.checkpoint), ""],
+      ["checkpoint", (j) => lastTwo(j.checkpoint), ""],
       ["step", (j) => j.step === null ? "" : String(j.step), "num"],
       ["entropy", (j) => j.entropy || "", ""],
       ["δH₁ ± SE (predicted)", (j) => pm(j.delta_h1, j.delta_h1_se), "num"],
@@ -43,8 +45,7 @@
     ];
     if (jobs.some((j) => j.delta_j1 !== null && j.delta_j1 !== undefined))
       cols.push(["δJ₁ ± SE (reward)", (j) => pm(j.delta_j1, j.delta_j1_se), "num"]);
-    cols.push(["duration", (j) => seconds(j.duration_s), "num"],
-              ["run", (j) => j.run, ""]);
+    cols.push(["duration", (j) => seconds(j.duration_s), "num"]);
     return cols;
   }
 
