@@ -40,15 +40,18 @@ def build(jobs: list[JobView], detail: str | None = None, title: str = "entropy-
     runs: dict[tuple[str, str], list[JobView]] = {}
     for job in done:
         runs.setdefault((job.run, figures.entropy_kind(job.result)), []).append(job)
+    listed = {j.id for j in jobs}
     if detail == "*":
         picked = drawable
+    elif detail in listed:              # a job without plots yet (queued, running) stays chosen
+        picked = [j for j in drawable if j.id == detail]
     else:
-        picked = [j for j in drawable if j.id == detail] or done[:1]
+        picked = done[:1]
     return Dashboard(
         jobs=[row(j) for j in jobs],
         runs=[RunPlot(run=name, entropy=kind, figure=figures.run_figure(name, members))
               for (name, kind), members in sorted(runs.items())],
         details={j.id: job_plots(j) for j in picked},
-        selected=picked[0].id if len(picked) == 1 else None,
+        selected=detail if detail in listed else picked[0].id if len(picked) == 1 else None,
         unfinished=sum(j.status in UNFINISHED for j in jobs),
         template=figures.template(), title=title)

@@ -115,7 +115,7 @@
     const box = $("ep-details");
     const ids = Object.keys(details);
     for (const child of Array.from(box.children))
-      if (!ids.includes(child.dataset.job)) {
+      if (child.dataset.job && !ids.includes(child.dataset.job)) {
         child.querySelectorAll(".plot").forEach((p) => { resizer.unobserve(p); Plotly.purge(p); });
         child.remove();
       }
@@ -139,6 +139,23 @@
     }
   }
 
+  // The chosen job has no plots yet (queued, running, failed without a trace): say so.
+  function noPlotsNote(dash) {
+    const box = $("ep-details");
+    let note = $("ep-no-plots");
+    const show = selected !== null && !(selected in dash.details);
+    if (show && !note) {
+      note = el("p", { id: "ep-no-plots", class: "empty" });
+      box.prepend(note);
+    }
+    if (note) {
+      note.hidden = !show;
+      const job = dash.jobs.find((j) => j.id === selected);
+      if (show) note.textContent = "Job " + selected + " has no plots yet (" +
+        (job ? job.status + (job.progress ? ": " + job.progress : "") : "not listed") + ").";
+    }
+  }
+
   function render(dash) {
     template = dash.template;
     selected = dash.selected !== null ? dash.selected : selected;
@@ -146,6 +163,7 @@
     plots($("ep-runs"), dash.runs.map((r) => ["run:" + r.run + ":" + r.entropy, r.figure]));
     $("ep-no-runs").hidden = dash.runs.length > 0;
     renderDetails(dash.details, dash.jobs);
+    noPlotsNote(dash);
   }
 
   function status(text, bad) {
