@@ -5,12 +5,13 @@ torch.optim.AdamW step on the loss written out token by token as TRL's GRPOTrain
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from exact_world import adamw_delta, load_policy, token_terms
+from exact_world import adamw_delta, flat_grad, load_policy, token_terms
 from probe_core.probe import run_probe
 from probe_core.spec import (CheckpointSpec, ClientRollout, EntropySpec, GenerationSpec,
                              ObjectiveSpec, ProbeSpec, RealizedSpec)
@@ -149,3 +150,64 @@ def test_reward_side_is_the_same_when_units_are_recomputed(ckpt):
         assert math.isclose(a.entropy_coef_for_target.value, b.entropy_coef_for_target.value,
                             rel_tol=1e-5)
     assert a.entropy_bonus_term != 0.0
+
+
+def test_nulls_when_the_step_is_zero(ckpt):
+    """lr 0: δJ₁ = 0, so no exchange rate; the bonus slope is 0, so no coefficient for a
+    target (rather than a division by zero)."""
+    base, adapter = ckpt
+    tok = load_policy(base, adapter)[1]
+    spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=_rollouts(tok),
+                     reward_kind="provided", responses_per_prompt=G,
+                     generation=GenerationSpec(max_new_tokens=MAX_NEW), lr_override=0.0,
+                     objective=ObjectiveSpec(entropy_coef=0.3, target_delta_h=0.01),
+                     realized=RealizedSpec(enabled=False))
+    out = run_probe(spec)
+    assert out.reward.delta_j1.total == 0.0 and out.reward.exchange_rate is None
+    assert out.reward.entropy_coef_for_target is None and out.reward.entropy_bonus_term == 0.0
+
+
+def test_delta_j1_equals_brute_force_from_per_sequence_gradients(ckpt):
+    """δJ₁ and its bonus part from explicit per-sequence gradients (autograd, one sequence at
+    a time): Z_u = Σ_g (R_g − R̄_{−g})/G ∇S_g, Y_u + c·s·P_u, the U-statistic over ordered
+    pairs of different units, with the probe's own step (D, κ)."""
+    base, adapter = ckpt
+    model, tok, params = load_policy(base, adapter)
+    rollouts, coef = _rollouts(tok), 0.3
+    spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=rollouts,
+                     reward_kind="provided", responses_per_prompt=G,
+                     generation=GenerationSpec(max_new_tokens=MAX_NEW),
+                     objective=ObjectiveSpec(length_norm="token_mean", entropy_coef=coef),
+                     realized=RealizedSpec(enabled=False))
+    out = run_probe(spec)
+    grads_s, grads_e, lengths = [], [], []
+    for r in rollouts:
+        prompt = tok(r.prompt, add_special_tokens=False)["input_ids"]
+        for resp in r.responses:
+            grads_s.append(flat_grad(token_terms(model, prompt, resp)[0].sum(), params))
+            grads_e.append(flat_grad(token_terms(model, prompt, resp)[1].sum(), params))
+            lengths.append(len(resp))
+    b = len(rollouts)
+    gs, ge = torch.stack(grads_s).view(b, G, -1), torch.stack(grads_e).view(b, G, -1)
+    rewards = torch.tensor([r.rewards for r in rollouts], dtype=torch.float64)
+    c_z = (rewards - (rewards.sum(1, keepdim=True) - rewards) / (G - 1)) / G
+    c_y = (rewards - rewards.mean(1, keepdim=True)) / (G * (sum(lengths) / (b * G)))
+    scale = b / sum(lengths)                                   # TRL's bonus: s·P̄, s = B/T_tot
+    z = (c_z[..., None] * gs).sum(1)                                           # [B, P]
+    p = ge.sum(1)
+    y = (c_y[..., None] * gs).sum(1) + coef * scale * p
+    step = out.step
+
+    def u_cross(a, w, v):
+        pairs = list(itertools.permutations(range(b), 2))
+        return sum(float(a[i] @ (w * v[j])) for i, j in pairs) / len(pairs)
+
+    grad_term = step.kappa * u_cross(z, step.w_grad, y)
+    bonus = step.kappa * coef * scale * u_cross(z, step.w_grad, p)
+    total = grad_term - float((z @ step.w_momentum).mean()) - float((z @ step.w_decay).mean())
+    d = out.reward.delta_j1
+    close = dict(rel_tol=2e-4, abs_tol=1e-10)
+    assert math.isclose(d.total, total, **close), (d.total, total)
+    assert math.isclose(d.entropy_bonus_term, bonus, **close), (d.entropy_bonus_term, bonus)
+    assert math.isclose(d.gradient_term, grad_term - bonus, **close)
+    assert d.informative_units == int((rewards != rewards[:, :1]).any(1).sum())

@@ -146,7 +146,7 @@ class EntropyProbeCallback(TrainerCallback):
         try:
             template = self.request(state.global_step) if callable(self.request) else self.request
             body = _body(template, self.map_path(os.path.abspath(ckpt)), self.base_model,
-                         {**(trainer_fields(args, getattr(self._trainer, "entropy_coef", None))
+                         {**(trainer_fields(args, applied_entropy_coef(self._trainer, args))
                              if self.match_trainer else {}), **self.held_out})
         except Exception as exc:  # a user callable or template error must not stop training
             log.warning("entropy-probe: could not build the request for step %d: %s",
@@ -216,6 +216,19 @@ class EntropyProbeCallback(TrainerCallback):
             finally:
                 with self._lock:
                     self._outstanding -= 1
+
+
+def applied_entropy_coef(trainer, args) -> float | None:
+    """The entropy_coef TRL's next step applies: under use_adaptive_entropy the trainer's
+    current coefficient, gated to 0 while the last window's entropy is above entropy_target
+    (grpo_trainer._compute_loss); None without an attached trainer (then args.entropy_coef)."""
+    if trainer is None or not hasattr(trainer, "entropy_coef"):
+        return None
+    if getattr(args, "use_adaptive_entropy", False):
+        last = getattr(trainer, "_last_world_entropy", None)
+        if last is not None and last > args.entropy_target:
+            return 0.0
+    return float(trainer.entropy_coef)
 
 
 def trainer_fields(args, entropy_coef: float | None = None) -> dict:
