@@ -19,25 +19,15 @@ import math
 
 import torch
 
-from probe_core.errors import DegenerateBatch
-from probe_core.estimators.base import UnitLayout, contiguous_layout
+from probe_core.estimators.exact import MIN_UNITS, ExactEstimator
 from probe_core.estimators.ustat import DeltaH1, UnitDots
 
-MIN_UNITS = 2    # an SE needs two units
 
-
-class TwoBatchEstimator:
-    """Units are prompts in both batches: the U batch's give Ȳ (and the unconditional SE's
-    spread), the E batch's give X_u and δH₁."""
+class TwoBatchEstimator(ExactEstimator):
+    """Units are prompts in both batches (the `exact` layout): the U batch's give Ȳ (and the
+    unconditional SE's spread), the E batch's give X_u and δH₁."""
 
     mode = "two_batch"
-
-    def layout(self, num_prompts: int, group_size: int) -> UnitLayout:
-        if num_prompts < MIN_UNITS:
-            raise DegenerateBatch(f"{num_prompts} prompts give fewer than {MIN_UNITS} units "
-                                  "(mode=two_batch); each batch needs at least 2 prompts",
-                                  phase="rollouts")
-        return contiguous_layout(num_prompts, group_size, 1)
 
     def delta_h1(self, dots: UnitDots, kappa: float) -> DeltaH1:
         """δH₁ from the E units' dots, taken against the U batch's means (x_ybar = X_u·WȲ_U)."""
