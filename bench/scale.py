@@ -1,12 +1,12 @@
 """Throughput of a worker pool: jobs per minute with 1 and 2 workers, side by side, in one run.
 
-Each configuration is a fresh `entropy-probe serve` with ENTROPY_PROBE_DEVICES=cpu (or cpu,cpu),
-one torch thread per worker (ENTROPY_PROBE_CPU_THREADS=1); the same J jobs (the benchmark model
-of bench/common.py, random client rollouts) are submitted at once and timed from the first
-submit to the last finish. The first job of each worker loads the base; a warm-up job per worker
-runs before the clock starts so that every timed job reuses it.
+Two `entropy-probe serve` run side by side, ENTROPY_PROBE_DEVICES=cpu and cpu,cpu, one torch
+thread per worker (ENTROPY_PROBE_CPU_THREADS=1). In each round, J jobs (the benchmark model of
+bench/common.py, random client rollouts) are submitted at once to one server and timed from the
+first submit to the last finish, then the same to the other; rounds alternate so that a change
+in the host's load hits both. A warm-up job per worker loads the base before the clock starts.
 
-    python -m bench.scale [--jobs 8] [--prompts 16] [--backend local|ray|both]
+    python -m bench.scale [--jobs 8] [--prompts 16] [--rounds 3] [--backend local|ray|both]
 
 On a machine with fewer free cores than workers the ratio measures the contention, not the
 pool: the output prints the cores beside it.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import time
 
 import httpx
 
-from bench.common import add_model_args, checkpoint, client_rollouts
+from bench.common import add_model_args, client_rollouts, resolve_model_args
 from service.demo import free_port
 
 READY_TIMEOUT_S = 300.0
@@ -88,16 +89,25 @@ class Server:
         self.proc.wait(60)
 
 
-def measure(workers: int, backend: str, base: str, adapter: str, args) -> float:
-    """Jobs per minute of `workers` workers on args.jobs jobs."""
+def measure(backend: str, base: str, adapter: str, args) -> dict[int, list[float]]:
+    """Jobs per minute of 1 and 2 workers, args.rounds times each, the two servers alternating
+    (so a change in the host's load hits both alike)."""
+    rates: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as state:
-        server = Server(workers, backend, os.path.dirname(os.path.dirname(base)), state)
+        roots = os.path.dirname(os.path.dirname(base))
+        servers = {n: Server(n, backend, roots, os.path.join(state, str(n))) for n in rates}
         try:
-            server.run([job_body(base, adapter, args, 1000 + i) for i in range(workers)])
-            seconds = server.run([job_body(base, adapter, args, i) for i in range(args.jobs)])
+            for n, server in servers.items():        # every worker loads the base once
+                server.run([job_body(base, adapter, args, 1000 + i) for i in range(n)])
+            for r in range(args.rounds):
+                for n, server in servers.items():
+                    bodies = [job_body(base, adapter, args, r * args.jobs + i)
+                              for i in range(args.jobs)]
+                    rates[n].append(60.0 * args.jobs / server.run(bodies))
         finally:
-            server.stop()
-    return 60.0 * args.jobs / seconds
+            for server in servers.values():
+                server.stop()
+    return rates
 
 
 def main() -> None:
@@ -106,19 +116,23 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backend", choices=["local", "ray", "both"], default="local")
     args = ap.parse_args()
-    base, adapter = checkpoint(args.hidden, args.layers, args.rank, args.vocab)
+    base, adapter, model = resolve_model_args(args)
     backends = ["local", "ray"] if args.backend == "both" else [args.backend]
     print(f"{args.jobs} jobs of {args.prompts} prompts x {args.group} client responses (<= "
-          f"{args.tokens} tokens), hidden {args.hidden}, {args.layers} layers, vocab "
-          f"{args.vocab}, LoRA r={args.rank}; CPU workers, 1 thread each; "
-          f"{os.cpu_count()} cores on this host")
+          f"{args.tokens} tokens), {model}; CPU workers, 1 thread each; {os.cpu_count()} cores "
+          f"on this host, load average {os.getloadavg()[0]:.1f} at the start")
+    print(f"jobs per minute, median of {args.rounds} alternating rounds (each round's ratio in "
+          "brackets)")
     print(f"{'backend':8} {'1 worker':>14} {'2 workers':>14} {'ratio':>7}")
     for backend in backends:
-        one = measure(1, backend, base, adapter, args)
-        two = measure(2, backend, base, adapter, args)
-        print(f"{backend:8} {one:9.2f} j/min {two:9.2f} j/min {two / one:6.2f}x")
+        rates = measure(backend, base, adapter, args)
+        one, two = statistics.median(rates[1]), statistics.median(rates[2])
+        rounds = " ".join(f"{b / a:.2f}" for a, b in zip(rates[1], rates[2]))
+        print(f"{backend:8} {one:9.2f} j/min {two:9.2f} j/min {two / one:6.2f}x  [{rounds}]"
+              f"  load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,15 @@ def pathwise_objective(tokens: TokenOutputs) -> Objective:
                                                                        per_token))
 
 
+def bonus_objective(tokens: TokenOutputs) -> Objective:
+    """E_i = Σ_t h_t through the logits only: the gradient of TRL's entropy bonus (no
+    score-function term), issue 15."""
+    if tokens.head is not None:
+        return Objective(hidden=tokens.head.hidden, token_grads=tokens.head.entropy,
+                         owner=tokens.owner)
+    return Objective(values=tokens.sequence_sum("entropy"))
+
+
 @dataclass
 class EntropyScalars:
     """Batch scalars held fixed in δH₁ (like κ). token_mean: ratio Ĥ_tok = Σf/ΣT and mean

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from probe_core.checkpoint import causal_lm
-from probe_core.entropy import (Objective, SequenceStats, logprob_objective,
+from probe_core.entropy import (Objective, SequenceStats, bonus_objective, logprob_objective,
                                 pathwise_objective, sequence_stats)
 from probe_core.spec import GradMethod
 from probe_core.summaries import SummaryPlan, UnitSummary
@@ -179,38 +179,45 @@ class GradientAccumulator:
         acc_lp = torch.zeros(k * plan.num_rows, numel, dtype=torch.float32, device=dev)
         acc_pw = torch.zeros(k, numel, dtype=torch.float32, device=dev) if plan.pathwise \
             else None
+        acc_bonus = torch.zeros(k, numel, dtype=torch.float32, device=dev) if plan.bonus \
+            else None
         first = int(chunks[0][0])
         stats, backward = [], 0
         for rows in chunks:
             prompt = (rows - first) // g                                   # [n] in 0..k−1
             objectives, chunk_stats = self._forward(rows, plan)
             stats.append(chunk_stats)
-            targets = [(objectives[0], acc_lp,
+            targets = [(objectives["logprob"], acc_lp,
                         plan.logprob_weights(chunk_stats, rows, prompt, k))]
+            onehot = torch.zeros(k, len(rows), device=dev)
+            onehot[prompt.to(dev), torch.arange(len(rows), device=dev)] = 1.0       # [k, n]
             if plan.pathwise:
-                onehot = torch.zeros(k, len(rows), device=dev)
-                onehot[prompt.to(dev), torch.arange(len(rows), device=dev)] = 1.0   # [k, n]
-                targets.append((objectives[1], acc_pw, onehot))
+                targets.append((objectives["pathwise"], acc_pw, onehot))
+            if plan.bonus:
+                targets.append((objectives["bonus"], acc_bonus, onehot))
             backward += self._backward(targets) * len(rows)
             if on_chunk:
                 on_chunk()
         unit_stats = SequenceStats.cat(stats)
         summary = plan.combine(acc_lp.view(k, plan.num_rows, numel), acc_pw, unit_stats,
-                               prompt_weight.to(dev, torch.float32))
+                               prompt_weight.to(dev, torch.float32), acc_bonus)
         n_seq = sum(len(c) for c in chunks)
         return UnitGradient(summary=summary, stats=unit_stats, forward_grad=n_seq,
                             backward=backward)
 
     def _forward(self, rows: torch.Tensor, plan: SummaryPlan
-                 ) -> tuple[list[Objective], SequenceStats]:
-        """The chunk's objectives (S, and F for full_vocabulary) and its statistics."""
+                 ) -> tuple[dict[str, Objective], SequenceStats]:
+        """The chunk's objectives by name ("logprob" S; "pathwise" F for full_vocabulary;
+        "bonus" E = Σ_t h_t with an entropy bonus) and its statistics."""
         with self.capture if self.capture is not None else contextlib.nullcontext():
-            tokens = self.forcer.tokens(rows, grad=True, entropy=plan.pathwise)
+            tokens = self.forcer.tokens(rows, grad=True, entropy=plan.pathwise or plan.bonus)
         if self.capture is not None:
             self.inputs = self.capture.backward_inputs()
-        objectives = [logprob_objective(tokens)]
+        objectives = {"logprob": logprob_objective(tokens)}
         if plan.pathwise:
-            objectives.append(pathwise_objective(tokens))
+            objectives["pathwise"] = pathwise_objective(tokens)
+        if plan.bonus:
+            objectives["bonus"] = bonus_objective(tokens)
         return objectives, sequence_stats(tokens, plan.spec)
 
     def _backward(self, targets: list[tuple[Objective, torch.Tensor, torch.Tensor]]) -> int:

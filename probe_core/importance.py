@@ -45,6 +45,16 @@ class SnisEstimate:
     ess_fraction: float
     psis_k: float | None
     reward: RewardChange | None = None     # the mean reward's change on the same weights
+    influence: torch.Tensor | None = None  # per-sequence linearization of delta_h [B, G]
+    curvature: Curvature | None = None     # delta_h − s·δH₁, paired per unit
+
+
+@dataclass
+class Curvature:
+    """ΔH(s) − s·δH₁ (where first order stops holding) and its SE, paired per unit."""
+
+    value: float
+    se: float | None
 
 
 @dataclass
@@ -75,7 +85,10 @@ def per_prompt_entropy(before: EntropySample) -> torch.Tensor:
 
 def _stratified_se(phi: torch.Tensor) -> float | None:
     """SE of mean(phi) for [B, G] values, G i.i.d. draws per fixed prompt:
-    √(Σ_n var_n / (B²·G)) with within-prompt sample variances."""
+    √(Σ_n var_n / (B²·G)) with within-prompt sample variances. With one draw per prompt (a
+    held-out batch, G = 1) the prompts themselves are the i.i.d. draws: one stratum of B."""
+    if phi.shape[1] == 1:
+        phi = phi.reshape(1, -1)
     b, g = phi.shape
     if g < 2:
         return None
@@ -172,7 +185,25 @@ def snis(before: EntropySample, after: EntropySample, normalization: str, psis: 
     k = psis_k(log_w.reshape(-1)) if psis else None
     reward = None if rewards is None else reward_change(log_w, rewards, normalization)
     return SnisEstimate(h_after=h_after, delta_h=h_after - h_before, se=se, ess=ess,
-                        ess_fraction=ess / (b * g), psis_k=k, reward=reward)
+                        ess_fraction=ess / (b * g), psis_k=k, reward=reward,
+                        influence=phi - psi)
+
+
+def curvature(est: SnisEstimate, multiplier: float, delta_h1) -> Curvature | None:
+    """ΔH(s) − s·δH₁ with an SE from the units' paired influences: per unit u, the mean of its
+    sequences' linearized ΔH minus s times δH₁'s jackknife pseudo-value (for two_batch's plain
+    mean that is d_u itself). Both terms are measured on the same responses, so their shared
+    noise cancels and the SE is small even when each term's is not. Units are treated as i.i.d.
+    draws (prompts from their distribution). Args: delta_h1: the job's DeltaH1."""
+    value = est.delta_h - multiplier * delta_h1.total
+    loo = delta_h1.leave_one_out
+    if loo is None or est.influence is None:
+        return Curvature(value, None)
+    units = loo.numel()
+    pseudo = units * delta_h1.total - (units - 1) * loo                          # [U]
+    paired = est.influence.reshape(units, -1).mean(1) - multiplier * pseudo      # [U]
+    se = float(paired.std()) / math.sqrt(units)
+    return Curvature(value, se if math.isfinite(se) else None)
 
 
 def per_prompt_change(before: EntropySample, after: EntropySample) -> torch.Tensor:

@@ -10,6 +10,7 @@ from probe_core.adamw import AdamWStep
 from probe_core.entropy import SequenceStats
 from probe_core.estimators import DeltaH1
 from probe_core.proxy import CovarianceProxy
+from probe_core.reward_side import RewardOutcome
 from probe_core.importance import SnisEstimate
 from probe_core.memory import MemoryTracer
 
@@ -22,6 +23,7 @@ class RealizedOutcome:
     ess_threshold: float
     by_multiplier: list[tuple[float, SnisEstimate]]   # (s, estimate), in request order
     noise_floor: float | None
+    target: str = "batch_in_sample"    # "held_out" in two-batch mode
     per_prompt_h_before: torch.Tensor | None = None    # Ĥ_n(θ) [B] float64
     per_prompt_delta_h: torch.Tensor | None = None     # per-prompt SNIS ΔH_n at s = main [B]
 
@@ -65,6 +67,15 @@ class BatchOutcome:
 
 
 @dataclass
+class EntropyBatchOutcome:
+    """The held-out E batch of two-batch mode."""
+
+    num_prompts: int
+    responses_per_prompt: int
+    mean_response_tokens: float
+
+
+@dataclass
 class OptimizerOutcome:
     lr: float
     betas: tuple[float, float]
@@ -103,7 +114,9 @@ class ProbeOutcome:
     grad_method: str
     base_reused: bool
     warnings: list[str] = field(default_factory=list)
+    entropy_batch: EntropyBatchOutcome | None = None
     per_prompt: PerPromptView | None = None
+    reward: RewardOutcome | None = None      # δJ₁, exchange rate, entropy bonus (issue 15)
     # for library users and tests (not in the JSON): the flat gradient summaries and the step
     step: AdamWStep | None = None
     x_bar: torch.Tensor | None = None     # [P] float64

@@ -17,6 +17,7 @@ products once D is known (one more grad forward and backward per sequence, repor
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import math
@@ -32,21 +33,26 @@ from probe_core.entropy import EntropyScalars, SequenceStats, batch_scalars
 from probe_core.errors import (CheckpointInvalid, DeadlineExceeded, DegenerateBatch,
                                InvalidRequest, ProbeCancelled, ProbeOutOfMemory)
 from probe_core.estimators import (DeltaH1, Estimator, UnitDots, UnitLayout, UnitMeans,
-                                   estimator_for, unit_dots)
+                                   estimator_for, unconditional_se, unit_dots)
 from probe_core.gradients import FlatParams, GradientAccumulator
-from probe_core.importance import (EntropySample, entropy_before, per_prompt_change,
-                                   per_prompt_entropy, snis)
+from probe_core.held_out import held_out_plan, held_out_summaries, map_held_out_dots
+from probe_core.importance import (EntropySample, curvature, entropy_before,
+                                   per_prompt_change, per_prompt_entropy, snis)
 from probe_core.memory import MemoryTracer
 from probe_core.objective import UpdateWeights, update_weights
-from probe_core.outcome import (BatchOutcome, EntropyOutcome, OptimizerOutcome, Passes,
+from probe_core.outcome import (BatchOutcome, EntropyBatchOutcome, EntropyOutcome,
+                                OptimizerOutcome, Passes,
                                 PerPromptView, ProbeOutcome, RealizedOutcome)
 from probe_core.paths import check_destination
 from probe_core.proxy import covariance_proxy
-from probe_core.rollouts import Batch, batch_for
-from probe_core.spec import PHASES, Phase, ProbeSpec, RuntimeOptions
+from probe_core.rollouts import Batch, batch_for, sample
+from probe_core.spec import PHASES, EstimatorSpec, Phase, ProbeSpec, RuntimeOptions
 from probe_core.stages import (GradientShard, keeps_unit_vectors, map_gradients, map_unit_dots,
                                reduce_gradients, reduce_stats, unit_vectors)
-from probe_core.summaries import UPDATE, SummaryPlan
+from probe_core.reward_side import (RewardDots, RewardMeans, RewardOutcome, bonus_scale,
+                                    exchange_rate, fold_bonus, informative_units, reward_dots,
+                                    reward_outcome, reward_weights)
+from probe_core.summaries import BONUS, REWARD, UPDATE, SummaryPlan
 from probe_core.step import ParameterSwap, save_adapter
 from probe_core.teacher_forcing import TeacherForcer, all_logprobs_subset, sequence_values
 
@@ -55,6 +61,15 @@ __all__ = ["PHASES", "ProbeHooks", "resolve_device", "run_probe"]
 MIN_GROUP_SIZE = 2          # the leave-one-out baseline and group advantages need two
 MIN_UNITS_FOR_JACKKNIFE = 3
 NOISE_CHECK_SEQUENCES = 4   # sequences recomputed with another chunking for the noise floor
+# Below this many prompts, the single-batch realized ΔH's self-prompt and same-response excess
+# over the fresh-prompt change (both O(1/B)) is large next to the change itself (issue 14).
+SMALL_SINGLE_BATCH = 64
+SMALL_BATCH_WARNING = (
+    "single-batch mode with {b} prompts (< 64): realized.delta_h is measured on the batch's own "
+    "prompts and on the very responses that built Δθ, so it adds each prompt's effect on itself "
+    "and a same-response term (both shrink as 1/B) and overstates the change on fresh prompts "
+    "that delta_h1 targets; pass entropy_batch (held-out prompts) to measure both on the same "
+    "thing")
 
 
 @dataclass
@@ -93,6 +108,8 @@ class _Plan:
     layout: UnitLayout
     update: UpdateWeights
     summaries: SummaryPlan
+    bonus_weight: float = 0.0     # c·s: TRL's entropy bonus folded into Y (reward_side)
+    bonus_scale: float = 0.0      # s = B/T_tot
 
 
 @dataclass
@@ -114,6 +131,7 @@ class _StepResult:
     step: AdamWStep
     estimate: DeltaH1
     updated_adapter: str | None
+    reward: RewardOutcome
 
 
 class _Probe:
@@ -121,7 +139,8 @@ class _Probe:
                  hooks: ProbeHooks):
         self.spec, self.opts, self.cache, self.hooks = spec, opts, cache, hooks
         self.device = resolve_device(opts.device)
-        self.estimator: Estimator = estimator_for(spec.estimator)
+        self.estimator: Estimator = estimator_for(
+            EstimatorSpec(mode="two_batch") if spec.entropy_batch else spec.estimator)
         self.tracer = MemoryTracer(self.device, enabled=spec.trace_memory)
         self.timing: dict[str, float] = {}
         self.passes = Passes()
@@ -136,7 +155,7 @@ class _Probe:
 
     def _finish(self, phase: Phase) -> None:
         now = time.perf_counter()
-        self.timing[phase] = now - self._t
+        self.timing[phase] = self.timing.get(phase, 0.0) + now - self._t   # phases may recur
         self._t = now
         self.tracer.mark(phase)
 
@@ -203,13 +222,70 @@ class _Probe:
                                   self.opts.grad_method)
         measured = self._gradients(acc, plan)
         result = self._step(ck, acc, plan, measured)
+        # where the entropy and its change are measured: the batch itself, or the E batch
+        target_plan, target_stats, target_forcer = plan, measured.stats, forcer
+        if self.spec.entropy_batch is not None:
+            target_plan, target_stats, target_forcer, result = self._held_out(
+                ck, measured, result)
+        elif plan.batch.num_prompts < SMALL_SINGLE_BATCH:
+            self.warnings.append(SMALL_BATCH_WARNING.format(b=plan.batch.num_prompts))
         realized = None
         if self.spec.realized.enabled:
             self._enter("realized")
-            realized = self._realized(forcer, plan, measured.stats,
-                                      ParameterSwap(acc.flat), result.step)
+            realized = self._realized(target_forcer, target_plan, target_stats,
+                                      ParameterSwap(acc.flat), result)
             self._finish("realized")
-        return self._outcome(ck, plan, measured, result, realized, acc.method)
+        return self._outcome(ck, plan, measured, result, realized, acc.method,
+                             target_plan if target_plan is not plan else None)
+
+    def _held_out(self, ck: LoadedCheckpoint, u_measured: _Measured, result: _StepResult
+                  ) -> tuple[_Plan, SequenceStats, TeacherForcer, _StepResult]:
+        """Two-batch mode: sample the E batch, then per E unit X_u dotted with the U step; δH₁
+        and its SEs from the E units (phases rollouts and gradients again)."""
+        self._enter("rollouts")
+        batch = sample(ck.model, ck.tokenizer, held_out_plan(self.spec), self.device,
+                       on_chunk=self._tick)
+        self._finish("rollouts")
+        layout = self.estimator.layout(batch.num_prompts, batch.group_size)
+        summaries = held_out_summaries(self.spec.entropy, batch.num_sequences, batch.group_size)
+        e_plan = _Plan(batch=batch, rewards=None, layout=layout,
+                       update=update_weights(self.spec.objective,
+                                             self.spec.generation.max_new_tokens,
+                                             torch.zeros(batch.num_prompts, batch.group_size,
+                                                         dtype=torch.float64), batch.lengths),
+                       summaries=summaries)
+        forcer = TeacherForcer(ck.model, batch, self.spec.generation.temperature, self.device,
+                               self._autocast_dtype())
+        self._enter("gradients")
+        acc = GradientAccumulator(forcer, ck.model, FlatParams.of([p for _, p in ck.params]),
+                                  self.opts.grad_method)
+        mb = self.spec.microbatch_size
+        e = map_held_out_dots(acc, layout, summaries, mb, result.step, result.means.y_bar,
+                              on_chunk=self._counter(sum(map(len, layout.chunks(mb)))))
+        self._count_gradient_passes(e.forward_grad, e.backward)
+        estimate = self.estimator.delta_h1(e.dots, result.step.kappa)
+        check_finite(estimate, result.state)
+        estimate.se_unconditional = unconditional_se(
+            estimate.se, result.step.kappa, self._u_spread(u_measured, e.x_bar, result))
+        # the reward side stays the U batch's; δH₁ now comes from another batch, so the exchange
+        # rate's two estimates are independent, and the bonus split and the coefficient for a
+        # target (which need X and P on the same units) are not reported
+        reward = dataclasses.replace(
+            result.reward, entropy_bonus_term=0.0, entropy_coef_for_target=None,
+            exchange_rate=exchange_rate(estimate, result.reward.delta_j1, independent=True))
+        self._finish("gradients")
+        return e_plan, e.stats, forcer, dataclasses.replace(result, estimate=estimate,
+                                                            reward=reward)
+
+    def _u_spread(self, u_measured: _Measured, x_bar_e: torch.Tensor, result: _StepResult
+                  ) -> torch.Tensor | None:
+        """X̄_E·(W⊙Y_w) for each U unit w (the U batch's spread of the gradient term)."""
+        if u_measured.shard.vectors is None:
+            self.warnings.append("the U batch's unit vectors exceeded the host budget: "
+                                 "delta_h1.se_unconditional is null")
+            return None
+        y = u_measured.shard.vectors[UPDATE]                                     # [U, P]
+        return y.double() @ (result.step.w_grad * x_bar_e)
 
     # -- phases ------------------------------------------------------------------------------
     def _rollouts(self, ck: LoadedCheckpoint) -> tuple[Batch, torch.Tensor]:
@@ -234,10 +310,15 @@ class _Probe:
         self._enter("teacher_forcing")
         update = update_weights(self.spec.objective, self.spec.generation.max_new_tokens,
                                 rewards, batch.lengths)
-        summaries = SummaryPlan(self.spec.entropy, {UPDATE: update.c_y}, batch.group_size)
+        objective = self.spec.objective
+        summaries = SummaryPlan(self.spec.entropy,
+                                {UPDATE: update.c_y, REWARD: reward_weights(rewards)},
+                                batch.group_size, bonus=objective.needs_bonus_gradient)
+        scale = bonus_scale(batch.lengths, batch.num_prompts)
         self._finish("teacher_forcing")
         return _Plan(batch=batch, rewards=rewards, layout=layout, update=update,
-                     summaries=summaries)
+                     summaries=summaries, bonus_weight=objective.entropy_coef * scale,
+                     bonus_scale=scale)
 
     def _gradients(self, acc: GradientAccumulator, plan: _Plan) -> _Measured:
         """Phase 2 (a map over one shard holding every unit, then its reduce)."""
@@ -248,6 +329,10 @@ class _Probe:
         shard = map_gradients(acc, layout, plan.summaries, keep, mb,
                               on_chunk=self._counter(sum(map(len, layout.chunks(mb)))))
         self._count_gradient_passes(shard.forward_grad, shard.backward)
+        if plan.summaries.bonus:   # the step's direction is Y + c·s·P (TRL's entropy bonus)
+            for vectors in (shard.vectors, shard.sums):
+                if vectors is not None:
+                    fold_bonus(vectors, UPDATE, BONUS, plan.bonus_weight)
         stats = reduce_stats([shard], plan.batch.num_sequences)
         self._finish("gradients")
         return _Measured(shard=shard, stats=stats,
@@ -265,12 +350,23 @@ class _Probe:
         state = AdamWState.from_states(ck.states, self.spec.lr_override)
         means = reduce_gradients([measured.shard], measured.scalars)
         step = adamw_step(state, means.y_bar, swap.theta(), self.spec.max_grad_norm)
-        if measured.shard.vectors is not None:
-            dots = map_unit_dots(measured.shard, step, means, measured.scalars)
+        shard, units = measured.shard, plan.layout.num_units
+        r_means = RewardMeans(x_bar=means.x_bar, y_bar=means.y_bar,
+                              z_bar=shard.sums[REWARD] / units,
+                              p_bar=shard.sums[BONUS] / units if BONUS in shard.sums else None)
+        if shard.vectors is not None:
+            dots = map_unit_dots(shard, step, means, measured.scalars)
+            v = shard.vectors
+            r_dots = reward_dots(v["x"], v[UPDATE], v[REWARD], v.get(BONUS), step, r_means)
         else:
-            dots = self._recomputed_dots(acc, plan, measured.scalars, step, means)
+            dots, r_dots = self._recomputed_dots(acc, plan, measured.scalars, step, means,
+                                                 r_means)
         estimate = self.estimator.delta_h1(dots, step.kappa)
         check_finite(estimate, state)
+        objective = self.spec.objective
+        estimate, reward = reward_outcome(
+            estimate, r_dots, step.kappa, informative_units(plan.rewards, plan.layout),
+            objective.entropy_coef, plan.bonus_scale, objective.target_delta_h)
         self._warn_degenerate(plan.update.advantages, state, plan.layout.num_units)
         updated = None
         if self.save_to is not None:   # the real step, s = 1, whatever the multipliers are
@@ -281,22 +377,26 @@ class _Probe:
                 swap.restore()
         self._finish("step")
         return _StepResult(state=state, means=means, step=step, estimate=estimate,
-                           updated_adapter=updated)
+                           updated_adapter=updated, reward=reward)
 
     def _recomputed_dots(self, acc: GradientAccumulator, plan: _Plan, scalars: EntropyScalars,
-                         step: AdamWStep, means: UnitMeans) -> UnitDots:
+                         step: AdamWStep, means: UnitMeans, r_means: RewardMeans
+                         ) -> tuple[UnitDots, RewardDots]:
         """The unit dots when the unit summaries did not fit the host: each unit again."""
         self.warnings.append("unit vectors exceeded the host memory budget: a second gradient "
                              "pass recomputed them")
-        layout, parts = plan.layout, []
+        layout, parts, r_parts = plan.layout, [], []
         for u, chunks in enumerate(layout.chunks(self.spec.microbatch_size)):
             grad = acc.unit(chunks, plan.summaries, layout.prompt_weight[layout.prompts[u]],
                             on_chunk=self._counter(0))
             self._count_gradient_passes(grad.forward_grad, grad.backward)
-            x = scalars.entropy_vector(grad.summary.entropy, grad.summary.length)
-            parts.append(unit_dots(x.cpu()[None], grad.summary.direct[UPDATE].cpu()[None],
-                                   step, means))
-        return UnitDots.cat(parts)
+            v = {k: t.cpu()[None] for k, t in grad.summary.vectors().items()}
+            if plan.summaries.bonus:
+                fold_bonus(v, UPDATE, BONUS, plan.bonus_weight)
+            x = scalars.entropy_vector(v["entropy"], v.get("length"))
+            parts.append(unit_dots(x, v[UPDATE], step, means))
+            r_parts.append(reward_dots(x, v[UPDATE], v[REWARD], v.get(BONUS), step, r_means))
+        return UnitDots.cat(parts), RewardDots.cat(r_parts)
 
     def _warn_degenerate(self, adv: torch.Tensor, state: AdamWState, n_units: int) -> None:
         if bool((adv == 0).all()):
@@ -310,9 +410,10 @@ class _Probe:
             self.warnings.append("fewer than 3 units: the jackknife SE is undefined (null)")
 
     def _realized(self, forcer: TeacherForcer, plan: _Plan, stats: SequenceStats,
-                  swap: ParameterSwap, step: AdamWStep) -> RealizedOutcome:
-        """Phase 4: S⁺ (and f⁺) at θ + sΔθ on the same sequences for each multiplier, SNIS."""
-        spec = self.spec.realized
+                  swap: ParameterSwap, result: _StepResult) -> RealizedOutcome:
+        """Phase 4: S⁺ (and f⁺) at θ + sΔθ on the measured sequences (the batch's own, or the
+        E batch's) for each multiplier, SNIS, and the curvature ΔH(s) − s·δH₁ paired per unit."""
+        spec, step = self.spec.realized, result.step
         chunks = [c for u in plan.layout.chunks(self.spec.microbatch_size) for c in u]
         shape = (plan.batch.num_prompts, plan.batch.group_size)
         full = self.spec.entropy.estimator == "full_vocabulary"
@@ -333,8 +434,9 @@ class _Probe:
                     value=values.entropy.double().view(shape) if full else -s_after,
                     length=length, log_weight=s_after - stats.logprob.double().view(shape))
                 samples.append(after)
-                rows.append((mult, snis(before, after, spec.normalization, spec.psis,
-                                        plan.rewards)))
+                est = snis(before, after, spec.normalization, spec.psis, plan.rewards)
+                est.curvature = curvature(est, mult, result.estimate)
+                rows.append((mult, est))
         finally:
             swap.restore()
         h0, h0_se = entropy_before(before)
@@ -343,7 +445,9 @@ class _Probe:
                                ess_threshold=spec.ess_threshold, by_multiplier=rows,
                                noise_floor=self._noise_floor(forcer, stats.logprob),
                                per_prompt_h_before=per_prompt_entropy(before),
-                               per_prompt_delta_h=per_prompt_change(before, samples[main]))
+                               per_prompt_delta_h=per_prompt_change(before, samples[main]),
+                               target="held_out" if self.spec.entropy_batch
+                               else "batch_in_sample")
 
     def _noise_floor(self, forcer: TeacherForcer, s: torch.Tensor) -> float:
         """max |S − S'| over a few sequences, S from the gradient forward and S' recomputed
@@ -355,8 +459,8 @@ class _Probe:
         return float((alt - s[:n]).abs().max())
 
     def _outcome(self, ck: LoadedCheckpoint, plan: _Plan, measured: _Measured,
-                 result: _StepResult, realized: RealizedOutcome | None, grad_method: str
-                 ) -> ProbeOutcome:
+                 result: _StepResult, realized: RealizedOutcome | None, grad_method: str,
+                 held_out: _Plan | None) -> ProbeOutcome:
         batch, adv, step = plan.batch, plan.update.advantages, result.step
         b, g = batch.num_prompts, batch.group_size
         first = ck.states[0]
@@ -378,13 +482,19 @@ class _Probe:
                                  estimator=self.spec.entropy.estimator,
                                  temperature=self.spec.generation.temperature)
         return ProbeOutcome(
-            delta_h1=result.estimate, mode=self.estimator.mode, units=plan.layout.num_units,
+            delta_h1=result.estimate, mode=self.estimator.mode,
+            units=(held_out or plan).layout.num_units,
+            entropy_batch=None if held_out is None else EntropyBatchOutcome(
+                num_prompts=held_out.batch.num_prompts,
+                responses_per_prompt=held_out.batch.group_size,
+                mean_response_tokens=float(held_out.batch.lengths.double().mean())),
             entropy=entropy, realized=realized, batch=summary,
             proxy=covariance_proxy(measured.stats.logprob.view(b, g), adv), proxy_lr=lr,
             optimizer=optimizer, passes=self.passes, timing=self.timing, memory=self.tracer,
             device=str(self.device), updated_adapter=result.updated_adapter,
             grad_method=grad_method, base_reused=ck.base_reused, warnings=self.warnings,
-            per_prompt=self._per_prompt(plan, result, realized), step=step,
+            per_prompt=self._per_prompt(held_out or plan, result, realized),
+            reward=result.reward, step=step,
             x_bar=result.means.x_bar, y_bar=result.means.y_bar, unit_x=x, unit_y=y,
             sequences=measured.stats)
 

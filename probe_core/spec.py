@@ -51,12 +51,29 @@ class ObjectiveSpec:
     length_norm: LengthNorm = "constant"
     length_norm_constant: float | None = None
     advantage_eps: float | None = None      # None: the kind's default (rewards.advantages)
+    entropy_coef: float = 0.0               # TRL's bonus: the step's loss is L − c·H_tok
+    target_delta_h: float | None = None     # ask for the entropy_coef giving this δH₁
+
+    @property
+    def needs_bonus_gradient(self) -> bool:
+        return self.entropy_coef != 0.0 or self.target_delta_h is not None
 
 
 @dataclass
 class EstimatorSpec:
     mode: EstimatorMode = "exact"
     block_size: int = 4
+
+
+@dataclass
+class EntropyBatchSpec:
+    """Two-batch mode (issue 14): held-out E prompts whose entropy, δH₁ and realized ΔH are
+    measured under the step the main (U) batch takes. G_E responses each are sampled from the
+    checkpoint's policy with the request's generation settings."""
+
+    prompts: list[str]
+    responses_per_prompt: int = 1
+    num_prompts: int | None = None
 
 
 @dataclass
@@ -105,6 +122,7 @@ class ProbeSpec:
     host_budget_bytes: int = DEFAULT_HOST_BUDGET_BYTES
     seed: int = 0
     save_updated_adapter_to: str | None = None
+    entropy_batch: EntropyBatchSpec | None = None
 
 
 @dataclass

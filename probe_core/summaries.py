@@ -15,6 +15,8 @@ Rows on ∇S (objective "logprob"), per prompt of the unit, in this order:
     then one row per `direct` weight known before the pass (c^Y → "update"; issue 15 adds
     δJ₁'s leave-one-out reward weight the same way)
 Row on ∇F (objective "pathwise", full_vocabulary only): Σ_g ∇F_g, F = Σ_k h_k + Σ_k sg(Γ_k) log π_k.
+Row on ∇E (objective "bonus", only with an entropy bonus, issue 15): Σ_g ∇E_g, E = Σ_k h_k, the
+gradient through the logits only that TRL's entropy_coef adds to the step (no score term).
 
 Per prompt n with G responses (b̄, B: mean and sum of b over the group; T̄ likewise):
     sampled:          X^seq_n = (Σ b∇S − b̄ Σ∇S)/(G−1)              = Σ_g (S_g − S̄_{−g})/G ∇S_g
@@ -35,6 +37,8 @@ from probe_core.entropy import SequenceStats
 from probe_core.spec import EntropySpec
 
 UPDATE = "update"             # the direct row whose unit sum is Y_u
+REWARD = "reward"             # the direct row whose unit sum is Z_u (δJ₁, reward_side.py)
+BONUS = "bonus"               # P_u = Σ_g ∇Σ_t h_t: the pathwise gradient of TRL's entropy bonus
 
 
 @dataclass
@@ -48,13 +52,18 @@ class UnitSummary:
     entropy: torch.Tensor
     length: torch.Tensor | None
     direct: dict[str, torch.Tensor]
+    bonus: torch.Tensor | None = None
 
     def vectors(self) -> dict[str, torch.Tensor]:
-        """Every summary by name ("entropy", "length" when present, then the direct rows)."""
+        """Every summary by name ("entropy", "length" when present, the direct rows, "bonus"
+        when present)."""
         out = {"entropy": self.entropy}
         if self.length is not None:
             out["length"] = self.length
-        return {**out, **self.direct}
+        out.update(self.direct)
+        if self.bonus is not None:
+            out[BONUS] = self.bonus
+        return out
 
 
 class SummaryPlan:
@@ -65,12 +74,15 @@ class SummaryPlan:
         direct: per-sequence weights known before the pass, float64 [N] each, by name
             (at least UPDATE: c^Y with the unit weight *not* folded in)
         group_size: G
+        bonus: also accumulate the entropy bonus's pathwise gradient P_u (one more backward)
     """
 
-    def __init__(self, spec: EntropySpec, direct: dict[str, torch.Tensor], group_size: int):
+    def __init__(self, spec: EntropySpec, direct: dict[str, torch.Tensor], group_size: int,
+                 bonus: bool = False):
         self.spec, self.direct, self.group_size = spec, direct, group_size
         self.token_mean = spec.normalization == "token_mean"
         self.pathwise = spec.estimator == "full_vocabulary"
+        self.bonus = bonus
         self.rows = ["ones", "baseline"] + (["length"] if self.token_mean else []) + list(direct)
 
     @property
@@ -93,11 +105,13 @@ class SummaryPlan:
         return out.view(prompts * self.num_rows, -1)
 
     def combine(self, logprob_sums: torch.Tensor, pathwise_sums: torch.Tensor | None,
-                stats: SequenceStats, prompt_weight: torch.Tensor) -> UnitSummary:
+                stats: SequenceStats, prompt_weight: torch.Tensor,
+                bonus_sums: torch.Tensor | None = None) -> UnitSummary:
         """One unit's summaries from its accumulated rows.
 
         Args: logprob_sums [k, K, P]; pathwise_sums [k, P] or None; stats: the unit's
-        sequences, prompt by prompt [k·G]; prompt_weight [k] (device float32)."""
+        sequences, prompt by prompt [k·G]; prompt_weight [k] (device float32); bonus_sums
+        [k, P] or None."""
         g, k = self.group_size, logprob_sums.shape[0]
         ones, base = logprob_sums[:, 0], logprob_sums[:, 1]                 # [k, P]
         b = stats.baseline.view(k, g)                                       # [k, G]
@@ -114,4 +128,6 @@ class SummaryPlan:
         first_direct = self.num_rows - len(self.direct)
         direct = {name: (logprob_sums[:, first_direct + r] * w).sum(0)
                   for r, name in enumerate(self.direct)}
-        return UnitSummary(entropy=(entropy * w).sum(0), length=length, direct=direct)
+        bonus = None if bonus_sums is None else (bonus_sums * w).sum(0)
+        return UnitSummary(entropy=(entropy * w).sum(0), length=length, direct=direct,
+                           bonus=bonus)

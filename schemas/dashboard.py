@@ -17,6 +17,7 @@ class JobRow(BaseModel):
     run: str = Field(description="The folder holding the checkpoint (a Trainer's output_dir).")
     checkpoint: str | None = Field(None, description="The adapter (or base model) probed.")
     step: int | None = Field(None, description="result.checkpoint_step")
+    entropy: str | None = Field(None, description="The entropy kind: normalization, estimator.")
     delta_h1: float | None = None
     delta_h1_se: float | None = None
     delta_h: float | None = None
@@ -29,6 +30,7 @@ class JobRow(BaseModel):
 
 class RunPlot(BaseModel):
     run: str
+    entropy: str = Field(description="The entropy kind of its jobs (normalization, estimator).")
     figure: Figure
 
 

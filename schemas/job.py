@@ -7,7 +7,7 @@ from enum import Enum
 
 from pydantic import BaseModel, Field
 
-from schemas.result import ProbeResult, TracePoint
+from schemas.result import CheckpointEcho, ProbeResult, TracePoint
 
 
 class JobStatus(str, Enum):
@@ -69,6 +69,9 @@ class ProbeJob(BaseModel):
     progress: Progress = Field(default_factory=Progress)
     error: JobError | None = None
     result: ProbeResult | None = None
+    checkpoint: CheckpointEcho | None = Field(
+        None, description="The checkpoint paths the request names (also while queued, "
+        "running or after a failure).")
 
 
 class JobList(BaseModel):

@@ -12,6 +12,7 @@ MAX_PATH_CHARS = 4096
 MAX_TOKEN_ID = 2**31 - 1
 MAX_ABS_REWARD = 1e6
 MAX_TIMEOUT_S = 30 * 86400   # 30 days: beyond this a deadline is a typo, not a plan
+MAX_ENTROPY_COEF = 1e3
 MIN_TEMPERATURE = 1e-3       # logits / τ must stay finite in float32 and bfloat16
 
 
@@ -121,6 +122,13 @@ class ObjectiveSpec(_Strict):
     length_norm_constant: float | None = Field(
         None, ge=1e-3, description="C for length_norm=constant; default max_new_tokens "
         "(or the longest response for client rollouts).")
+    entropy_coef: float = Field(
+        0.0, ge=-MAX_ENTROPY_COEF, le=MAX_ENTROPY_COEF, description="TRL's entropy_coef: the "
+        "step's loss is L − c·H_tok, H_tok the batch's token-mean full-vocabulary entropy "
+        "differentiated through the logits (one more backward when ≠ 0).")
+    target_delta_h: float | None = Field(
+        None, ge=-1e6, le=1e6, description="Report delta_h1.entropy_coef_for_target: the "
+        "entropy_coef at which δH₁ (first order, this step's D and κ) equals this value.")
 
 
 class EstimatorSpec(_Strict):
@@ -140,6 +148,31 @@ class EntropySpec(_Strict):
 class ReportSpec(_Strict):
     per_prompt: bool = Field(False, description="Add per prompt: h_before, its δH₁ "
                              "contribution (its unit's row) and its realized ΔH.")
+
+
+class EntropyBatch(_Strict):
+    """Two-batch mode: held-out prompts on which the entropy, δH₁ and the realized ΔH are
+    measured, under the step the main batch (prompts/answers or rollouts) takes."""
+
+    prompts: list[str] = Field(min_length=2, max_length=MAX_SEQUENCES, description="Held-out "
+                               "prompts; responses are sampled from the checkpoint's policy.")
+    responses_per_prompt: int = Field(1, ge=1, le=1024, description="G_E (1: each prompt's "
+                                      "baseline is the other prompts' responses).")
+    num_prompts: int | None = Field(None, ge=2, le=MAX_SEQUENCES,
+                                    description="Use only the first num_prompts prompts.")
+
+    @model_validator(mode="after")
+    def _usable(self) -> EntropyBatch:
+        if any(not p for p in self.prompts):
+            raise ValueError("entropy_batch.prompts must be non-empty strings")
+        if self.num_prompts is not None and self.num_prompts > len(self.prompts):
+            raise ValueError(f"entropy_batch.num_prompts={self.num_prompts} but only "
+                             f"{len(self.prompts)} prompts were given")
+        n = self.num_prompts or len(self.prompts)
+        if n * self.responses_per_prompt > MAX_SEQUENCES:
+            raise ValueError(f"entropy_batch: {n}x{self.responses_per_prompt} sequences "
+                             f"exceeds the limit of {MAX_SEQUENCES}")
+        return self
 
 
 class OptimizerOverrides(_Strict):
@@ -186,6 +219,9 @@ class ProbeRequest(_Strict):
     estimator: EstimatorSpec = Field(default_factory=EstimatorSpec)
     entropy: EntropySpec = Field(default_factory=EntropySpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    entropy_batch: EntropyBatch | None = Field(
+        None, description="Two-batch mode: the step from the main batch, the entropy and its "
+        "change (δH₁, realized ΔH) on these held-out prompts; delta_h1.mode = two_batch.")
     optimizer_overrides: OptimizerOverrides = Field(default_factory=OptimizerOverrides)
     realized: RealizedSpec = Field(default_factory=RealizedSpec)
     memory: MemorySpec = Field(default_factory=MemorySpec)
@@ -242,6 +278,11 @@ class ProbeRequest(_Strict):
         if self.estimator.mode == "blocks" and n_prompts % self.estimator.block_size:
             raise ValueError(f"estimator.block_size={self.estimator.block_size} must divide "
                              f"the number of prompts ({n_prompts})")
+        if (self.entropy_batch is not None and self.entropy_batch.responses_per_prompt == 1
+                and self.realized.normalization == "per_prompt"):
+            raise ValueError("realized.normalization 'per_prompt' needs entropy_batch."
+                             "responses_per_prompt >= 2 (one response per prompt has no "
+                             "within-prompt weights to normalize)")
         g = self.group_size()
         if n_prompts * g > MAX_SEQUENCES:
             raise ValueError(f"{n_prompts}x{g} sequences exceeds the limit of {MAX_SEQUENCES}")

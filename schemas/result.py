@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -19,6 +21,11 @@ class UStatistic(_Out):
     zeta1_jackknife: float | None = None
 
 
+class ValueSE(_Out):
+    value: float
+    se: float | None
+
+
 class DeltaH1(_Out):
     total: float
     se: float | None = Field(description="Delete-one jackknife SE of total (null if units < 3).")
@@ -27,7 +34,49 @@ class DeltaH1(_Out):
     weight_decay_term: float
     mode: str
     units: int
-    u_statistic: UStatistic
+    target: Literal["fresh_prompts", "held_out"] = Field(
+        "fresh_prompts", description="What total estimates. fresh_prompts (single batch): the "
+        "change on new prompts drawn like the batch's (the U-statistic drops each prompt's "
+        "effect on itself). held_out (two_batch): the change on the entropy_batch prompts.")
+    se_unconditional: float | None = Field(
+        None, description="two_batch: se plus the main batch's sampling spread of Δθ (delta "
+        "method, D and κ held fixed); se alone is conditional on the step taken.")
+    u_statistic: UStatistic | None = Field(
+        None, description="The cross-unit U-statistic (null in two_batch mode, which needs "
+        "none: the E batch is independent of the step).")
+    entropy_bonus_term: float = Field(0.0, description="The part of δH₁ from the entropy "
+                                      "bonus in the step (objective.entropy_coef); "
+                                      "gradient_term excludes it.")
+    entropy_coef_for_target: ValueSE | None = Field(
+        None, description="With objective.target_delta_h: the entropy_coef at which δH₁ "
+        "equals the target (D and κ of this step held fixed); null when the slope is not clear "
+        "of zero by one SE.")
+
+
+class DeltaJ1(_Out):
+    total: float = Field(description="∇J·Δθ, J the U batch's mean reward (leave-one-out "
+                         "baselines, cross-unit U-statistic against Δθ).")
+    se: float | None = Field(description="Delete-one jackknife SE (null if units < 3).")
+    gradient_term: float
+    momentum_term: float
+    weight_decay_term: float
+    entropy_bonus_term: float = 0.0
+    informative_units: int = Field(description="Units with a non-constant reward.")
+    se_reliable: bool = Field(description="False when fewer than 4 units carry reward signal "
+                              "(sparse rewards): the SE then understates the spread.")
+
+
+class Curvature(_Out):
+    value: float = Field(description="delta_h − lr_multiplier·delta_h1.total: where first "
+                         "order stops holding.")
+    se: float | None = Field(description="Paired per unit on the same responses, so it is "
+                             "small even where each term's SE is not.")
+
+
+class EntropyBatchSummary(_Out):
+    num_prompts: int
+    responses_per_prompt: int
+    mean_response_tokens: float
 
 
 class RealizedRow(_Out):
@@ -40,6 +89,7 @@ class RealizedRow(_Out):
     delta_j: float | None = Field(None, description="J(θ + sΔθ) − J(θ), the mean reward's "
                                   "change by SNIS on the same responses (rewards fixed).")
     delta_j_se: float | None = None
+    curvature: Curvature | None = None
 
 
 class Realized(_Out):
@@ -60,6 +110,11 @@ class Realized(_Out):
         None, description="max |S − S'| when S is recomputed with another chunking: log-weights "
         "(and |ΔH| per unit of log-weight) below this are numerical noise.")
     by_lr_multiplier: list[RealizedRow]
+    target: Literal["batch_in_sample", "held_out"] = Field(
+        "batch_in_sample", description="batch_in_sample (single batch): SNIS on the batch's "
+        "own prompts and the very responses that built Δθ, which adds each prompt's effect "
+        "on itself and a same-response term (O(1/B)) to the fresh-prompt change; held_out "
+        "(two_batch): on the entropy_batch prompts, the same thing delta_h1 measures.")
 
 
 class BatchSummary(_Out):
@@ -154,6 +209,12 @@ class CheckpointEcho(_Out):
 
 class ProbeResult(_Out):
     delta_h1: DeltaH1
+    entropy_batch: EntropyBatchSummary | None = Field(
+        None, description="The held-out batch of two-batch mode (null in single-batch mode).")
+    delta_j1: DeltaJ1 | None = None
+    exchange_rate: ValueSE | None = Field(
+        None, description="δH₁/δJ₁ (delta method): entropy spent per unit of mean reward "
+        "gained; null unless δJ₁ is at least one SE from zero.")
     entropy: EntropyKind | None = None
     realized: Realized | None
     batch: BatchSummary

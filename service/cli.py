@@ -87,6 +87,8 @@ def cmd_serve(args) -> int:
 
 def cmd_run(args) -> int:
     """In-process probe, no server, under the server's settings and checks."""
+    settings = load_settings()
+    req = read_request(args.request, settings)      # refused before torch is even imported
     import time
 
     from probe_core.errors import ProbeError
@@ -96,8 +98,6 @@ def cmd_run(args) -> int:
     from service.summary import progress_line, summarize
     from service.supervisor import Deadlines
 
-    settings = load_settings()
-    req = read_request(args.request, settings)
     seconds = Deadlines(settings.max_job_seconds).of(req.timeout_s)
     hooks = ProbeHooks(progress=progress_line,
                        deadline=None if seconds is None else time.monotonic() + seconds)

@@ -39,7 +39,11 @@ def to_spec(req: ProbeRequest, *, host_budget_bytes: int) -> core.ProbeSpec:
         trace_memory=req.memory.trace,
         host_budget_bytes=(req.memory.host_budget_bytes if req.memory.host_budget_bytes
                            is not None else host_budget_bytes),
-        seed=req.seed, save_updated_adapter_to=req.save_updated_adapter_to)
+        seed=req.seed, save_updated_adapter_to=req.save_updated_adapter_to,
+        entropy_batch=None if req.entropy_batch is None else core.EntropyBatchSpec(
+            prompts=list(req.entropy_batch.prompts),
+            responses_per_prompt=req.entropy_batch.responses_per_prompt,
+            num_prompts=req.entropy_batch.num_prompts))
 
 
 def _checkpoint_spec(c: asked.CheckpointSpec) -> core.CheckpointSpec:
@@ -55,7 +59,8 @@ def _generation_spec(g: asked.GenerationSpec) -> core.GenerationSpec:
 def _objective_spec(o: asked.ObjectiveSpec) -> core.ObjectiveSpec:
     return core.ObjectiveSpec(advantage=o.advantage, length_norm=o.length_norm,
                               length_norm_constant=o.length_norm_constant,
-                              advantage_eps=o.advantage_eps)
+                              advantage_eps=o.advantage_eps, entropy_coef=o.entropy_coef,
+                              target_delta_h=o.target_delta_h)
 
 
 def _realized_spec(r: asked.RealizedSpec) -> core.RealizedSpec:
@@ -87,6 +92,24 @@ def _reward(est, name: str) -> float | None:
     return None if est.reward is None else _finite(getattr(est.reward, name))
 
 
+def _value_se(x) -> wire.ValueSE | None:
+    if x is None or not math.isfinite(x.value):
+        return None
+    return wire.ValueSE(value=x.value, se=_finite(x.se))
+
+
+def _delta_j1(out: ProbeOutcome) -> wire.DeltaJ1 | None:
+    if out.reward is None:
+        return None
+    d = out.reward.delta_j1
+    return wire.DeltaJ1(total=_num(d.total), se=_finite(d.se),
+                        gradient_term=_num(d.gradient_term),
+                        momentum_term=_num(d.momentum_term),
+                        weight_decay_term=_num(d.weight_decay_term),
+                        entropy_bonus_term=_num(d.entropy_bonus_term),
+                        informative_units=d.informative_units, se_reliable=d.se_reliable)
+
+
 def _realized(out: ProbeOutcome) -> wire.Realized | None:
     r = out.realized
     if r is None:
@@ -95,7 +118,8 @@ def _realized(out: ProbeOutcome) -> wire.Realized | None:
     rows = [wire.RealizedRow(lr_multiplier=s, delta_h=_num(e.delta_h), se=_finite(e.se),
                              delta_h1=_num(s * total), ess_fraction=_num(e.ess_fraction),
                              psis_k=_finite(e.psis_k), delta_j=_reward(e, "delta_j"),
-                             delta_j_se=_reward(e, "se")) for s, e in r.by_multiplier]
+                             delta_j_se=_reward(e, "se"), curvature=_curvature(e))
+            for s, e in r.by_multiplier]
     _, main = r.main
     return wire.Realized(
         delta_h=_num(main.delta_h), se=_finite(main.se), h_before=_num(r.h_before),
@@ -103,7 +127,20 @@ def _realized(out: ProbeOutcome) -> wire.Realized | None:
         ess_fraction=_num(main.ess_fraction), psis_k=_finite(main.psis_k),
         low_ess=not main.ess_fraction >= r.ess_threshold, normalization=r.normalization,
         delta_j=_reward(main, "delta_j"), delta_j_se=_reward(main, "se"),
-        log_weight_noise_floor=_finite(r.noise_floor), by_lr_multiplier=rows)
+        log_weight_noise_floor=_finite(r.noise_floor), by_lr_multiplier=rows,
+        target=r.target)
+
+
+def _curvature(est) -> wire.Curvature | None:
+    c = est.curvature
+    return None if c is None else wire.Curvature(value=_num(c.value), se=_finite(c.se))
+
+
+def _entropy_batch(out: ProbeOutcome) -> wire.EntropyBatchSummary | None:
+    e = out.entropy_batch
+    return None if e is None else wire.EntropyBatchSummary(
+        num_prompts=e.num_prompts, responses_per_prompt=e.responses_per_prompt,
+        mean_response_tokens=_num(e.mean_response_tokens))
 
 
 def _batch(b: BatchOutcome) -> wire.BatchSummary:
@@ -149,12 +186,19 @@ def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None) 
         delta_h1=wire.DeltaH1(
             total=_num(d.total), se=_finite(d.se), gradient_term=_num(d.gradient_term),
             momentum_term=_num(d.momentum_term), weight_decay_term=_num(d.weight_decay_term),
-            mode=out.mode, units=out.units,
-            u_statistic=wire.UStatistic(
+            mode=out.mode, units=out.units, target=d.target,
+            se_unconditional=_finite(d.se_unconditional),
+            u_statistic=None if u is None else wire.UStatistic(
                 value=_num(u.value), bars_dot=_num(u.bars_dot), diag_sum=_num(u.diag_sum),
                 se_plugin=_finite(u.se_plugin), zeta1_plugin=_finite(u.zeta1_plugin),
                 se_jackknife=_finite(u.se_jackknife),
-                zeta1_jackknife=_finite(u.zeta1_jackknife))),
+                zeta1_jackknife=_finite(u.zeta1_jackknife)),
+            entropy_bonus_term=_num(out.reward.entropy_bonus_term) if out.reward else 0.0,
+            entropy_coef_for_target=_value_se(out.reward.entropy_coef_for_target
+                                              if out.reward else None)),
+        delta_j1=_delta_j1(out),
+        exchange_rate=_value_se(out.reward.exchange_rate if out.reward else None),
+        entropy_batch=_entropy_batch(out),
         entropy=wire.EntropyKind(normalization=out.entropy.normalization,
                                  estimator=out.entropy.estimator,
                                  temperature=out.entropy.temperature),

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from schemas import ErrorCode, JobError, JobStatus, ProbeJob, ProbeRequest, ProbeResult, Progress
-from schemas.result import TracePoint
+from schemas.result import CheckpointEcho, TracePoint
 
 log = logging.getLogger("entropy_probe.store")
 
@@ -49,13 +49,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     error           TEXT,                                -- JobError JSON
     result          TEXT,                                -- ProbeResult JSON
     request         TEXT NOT NULL,                       -- ProbeRequest JSON, what the worker runs
+    checkpoint      TEXT,                                -- CheckpointEcho JSON (of the request)
     request_hash    TEXT NOT NULL,
     idempotency_key TEXT UNIQUE
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_JOB = "id, status, created_at, started_at, finished_at, progress, error, result"
+_JOB = "id, status, created_at, started_at, finished_at, progress, error, result, checkpoint"
 _UNFINISHED = "(" + ", ".join(f"'{s.value}'" for s in JobStatus if not s.finished) + ")"
 
 
@@ -85,11 +86,23 @@ def request_hash(req: ProbeRequest) -> str:
 
 
 def _job(row: tuple) -> ProbeJob:
-    job_id, status, created, started, finished, progress, error, result = row
+    job_id, status, created, started, finished, progress, error, result, checkpoint = row
     return ProbeJob(id=job_id, status=JobStatus(status), created_at=created, started_at=started,
                     finished_at=finished, progress=Progress.model_validate_json(progress),
                     error=JobError.model_validate_json(error) if error else None,
-                    result=ProbeResult.model_validate_json(result) if result else None)
+                    result=ProbeResult.model_validate_json(result) if result else None,
+                    checkpoint=CheckpointEcho.model_validate_json(checkpoint) if checkpoint
+                    else None)
+
+
+def _checkpoint_json(request: dict) -> str | None:
+    """The paths a job probes (from its request JSON), kept beside the request so listings need
+    not parse it; None where the request does not name them as strings."""
+    ck = request.get("checkpoint") if isinstance(request, dict) else None
+    paths = {k: ck.get(k) for k in ("base_model", "adapter")} if isinstance(ck, dict) else {}
+    if not paths or not all(isinstance(v, (str, type(None))) for v in paths.values()):
+        return None
+    return CheckpointEcho(**paths).model_dump_json()
 
 
 def _failure(code: ErrorCode, message: str, phase: str | None,
@@ -121,6 +134,9 @@ class JobStore:
         self._synchronous = ""                  # what the connection is set to now
         self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "checkpoint" not in columns:         # a database from before the column existed
+            self._db.execute("ALTER TABLE jobs ADD COLUMN checkpoint TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -180,6 +196,7 @@ class JobStore:
                         and isinstance(record.get("idempotency_key"), (str, type(None)))):
                     raise ValueError("not a job record")
                 job = ProbeJob.model_validate(record["job"])
+                checkpoint = _checkpoint_json(record["request"])
                 request = json.dumps(record["request"])
             except (OSError, ValueError, KeyError) as exc:
                 # A damaged file must not stop the server: set it aside, say so, go on.
@@ -192,14 +209,14 @@ class JobStore:
                 continue
             db.execute(
                 "INSERT INTO jobs (seq, id, status, created_at, started_at, finished_at, "
-                "progress, error, result, request, request_hash, idempotency_key) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "progress, error, result, request, request_hash, idempotency_key, checkpoint) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record["seq"], job.id, job.status.value, job.created_at.isoformat(),
                  job.started_at and job.started_at.isoformat(),
                  job.finished_at and job.finished_at.isoformat(), job.progress.model_dump_json(),
                  job.error and job.error.model_dump_json(),
                  job.result and job.result.model_dump_json(), request, record["request_hash"],
-                 record["idempotency_key"]))
+                 record["idempotency_key"], checkpoint))
             count += 1
         for tmp in folder.glob("*.json.tmp"):       # a write the first round did not finish
             tmp.unlink(missing_ok=True)
@@ -224,11 +241,14 @@ class JobStore:
             if queued >= max_queue:
                 raise QueueFull(f"{queued} jobs are queued (limit {max_queue})")
             job = ProbeJob(id=uuid.uuid4().hex, status=JobStatus.queued, created_at=now())
+            job.checkpoint = CheckpointEcho(base_model=req.checkpoint.base_model,
+                                            adapter=req.checkpoint.adapter)
             db.execute("INSERT INTO jobs (id, status, created_at, progress, request, "
-                       "request_hash, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       "request_hash, idempotency_key, checkpoint) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (job.id, job.status.value, job.created_at.isoformat(),
                         job.progress.model_dump_json(), req.model_dump_json(), digest,
-                        idempotency_key))
+                        idempotency_key, job.checkpoint.model_dump_json()))
             return job, True
 
     def take_next(self) -> tuple[str, str] | None:

@@ -27,20 +27,28 @@ def _kind(r: ProbeResult) -> str:
 
 def summarize(r: ProbeResult) -> str:
     d = r.delta_h1
+    held_out = ""
+    if r.entropy_batch is not None:
+        e = r.entropy_batch
+        held_out = (f"; held-out E batch {e.num_prompts} prompts × {e.responses_per_prompt}, "
+                    f"mean {e.mean_response_tokens:.1f} tokens")
     lines = [
         f"batch        {r.batch.num_prompts} prompts × {r.batch.responses_per_prompt} responses, "
-        f"mean {r.batch.mean_response_tokens:.1f} tokens, reward mean {r.batch.reward_mean:.3f}",
+        f"mean {r.batch.mean_response_tokens:.1f} tokens, reward mean {r.batch.reward_mean:.3f}"
+        + held_out,
         f"optimizer    lr {r.optimizer.lr:.2e}, step {r.optimizer.step}, "
         f"grad norm {r.optimizer.grad_norm:.3e}",
         f"entropy      {_kind(r)}",
-        f"δH₁ (pred.)  {_pm(d.total, d.se)}   [{d.mode}, {d.units} units]",
+        f"δH₁ (pred.)  {_pm(d.total, d.se)}   [{d.mode}, {d.units} units, target "
+        f"{d.target.replace('_', ' ')}]",
         f"  gradient {d.gradient_term:+.3e}  momentum {d.momentum_term:+.3e}  "
         f"weight decay {d.weight_decay_term:+.3e}",
     ]
     if r.realized is not None:
         z = r.realized
         k = f"{z.psis_k:.2f}" if z.psis_k is not None else "n/a"
-        lines.append(f"ΔH (real)    {_pm(z.delta_h, z.se)}   H before {z.h_before:.4f}")
+        lines.append(f"ΔH (real)    {_pm(z.delta_h, z.se)}   H before {z.h_before:.4f}   "
+                     f"[target {z.target.replace('_', ' ')}]")
         lines.append(f"  ESS fraction {z.ess_fraction:.3f}{'  (LOW)' if z.low_ess else ''}, "
                      f"PSIS k {k}")
     lines.append(f"memory       peak host RSS {r.memory.peak_host_rss_bytes / 2**20:.0f} MiB"

@@ -53,7 +53,6 @@ class WorkerInfo:
     pid: int | None
     base_model: str | None          # the base model its cache holds
     cpu_threads: int | None
-    job: str | None
 
 
 @dataclass
@@ -109,10 +108,6 @@ class Supervisor:
         self._lock = threading.RLock()      # the loop holds it for a whole step
 
     # -- public --------------------------------------------------------------------------------
-    @property
-    def size(self) -> int:
-        return len(self.slots)
-
     def start(self) -> None:
         for slot in self.slots:
             slot.handle = self.spawn(slot.index, slot.cfg)
@@ -139,7 +134,7 @@ class Supervisor:
     def workers(self) -> list[WorkerInfo]:
         with self._lock:
             return [WorkerInfo(s.index, s.device, s.state, s.ready.pid if s.ready else None,
-                               s.base_model, s.ready.cpu_threads if s.ready else None, s.job)
+                               s.base_model, s.ready.cpu_threads if s.ready else None)
                     for s in self.slots]
 
     def cancel(self, job_id: str) -> None:

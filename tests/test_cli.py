@@ -155,6 +155,31 @@ def test_run_honours_the_server_settings(tiny_checkpoint, roots, tmp_path):
     assert late.returncode == 1 and "deadline_exceeded" in late.stderr
 
 
+def test_run_honours_trust_remote_code(tiny_checkpoint, tmp_path):
+    """A base whose config needs its own code: refused by default, naming the setting; with
+    ENTROPY_PROBE_TRUST_REMOTE_CODE=true that code runs (it leaves a marker), as in the worker."""
+    import shutil
+    base, adapter = tiny_checkpoint
+    remote = tmp_path / "remote_code"
+    shutil.copytree(base, remote)
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="evil-llama", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                     "AutoModelForCausalLM": "evil.EvilModel"})
+    (remote / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "remote-code.marker"
+    (remote / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    body = dict(quick_request(tiny_checkpoint), checkpoint={"base_model": str(remote),
+                                                            "adapter": adapter})
+    roots = f"{os.path.dirname(base)}{os.pathsep}{tmp_path}"
+    refused = cli("run", "--request", write(tmp_path, body), roots=roots)
+    assert refused.returncode == 1 and "ENTROPY_PROBE_TRUST_REMOTE_CODE" in refused.stderr
+    assert not marker.exists()
+    trusted = cli("run", "--request", write(tmp_path, body), roots=roots,
+                  trust_remote_code="true")
+    assert marker.exists(), trusted.stderr[-2000:]
+    assert trusted.returncode == 1 and "Traceback" not in trusted.stderr   # EvilConfig is absent
+
+
 def test_run_and_serve_refuse_a_bad_setting(tiny_checkpoint, roots, tmp_path):
     path = write(tmp_path, quick_request(tiny_checkpoint))
     assert_bad_input(cli("run", "--request", path, roots=roots, max_trainable_params="many"),

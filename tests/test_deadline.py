@@ -1,5 +1,5 @@
 """Per-job deadlines (request timeout_s, ENTROPY_PROBE_MAX_JOB_SECONDS) and the worker's CPU
-threads (ENTROPY_PROBE_CPU_THREADS), on a real server with a real worker process.
+threads (ENTROPY_PROBE_CPU_THREADS), on a real server with real worker processes, then Ray actors.
 
 A job past its deadline stops at the next chunk boundary: the same worker takes the next job.
 A job that reaches no boundary (the test-only `hang` fault, seed 424242) is killed with its
@@ -9,18 +9,36 @@ next job normally.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from faults import FAULT_SEED
+from helpers import JOB_TIMEOUT_S, Server, poll, quick_request, slow_request
 from probe_core.probe import PHASES
 from schemas import ErrorCode, JobStatus
 from service.supervisor import Deadlines
-from helpers import JOB_TIMEOUT_S, poll, quick_request, slow_request
 
 GRACE_S = 10.0     # generous: on a loaded CPU a chunk can take seconds
 SERVER_ENV = {"fault_hook": "hang:rollouts", "deadline_grace_seconds": str(GRACE_S),
               "max_job_seconds": "600", "cpu_threads": "2"}
 pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module", params=["local", "ray"])
+def module_server(request, tmp_path_factory, tiny_checkpoint):
+    """The module's server with local worker processes, then with Ray actors (the fault reaches
+    the actor too: its entry point is tests/faults.py's)."""
+    if request.param == "ray":
+        pytest.importorskip("ray", reason="the 'ray' extra is not installed")
+    tmp = tmp_path_factory.mktemp(f"deadline-{request.param}")
+    server = Server(tmp, tmp / "state", os.path.dirname(tiny_checkpoint[0]),
+                    backend=request.param, **SERVER_ENV)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 def finished(server, job_id: str):

@@ -49,7 +49,8 @@ def _non_default_request(ck: tuple[str, str]) -> ProbeRequest:
                        "batch_size": 3},
         "reward": {"kind": "math_answer"},
         "objective": {"advantage": "standardized", "length_norm": "per_sequence",
-                      "length_norm_constant": 3.0, "advantage_eps": 0.01},
+                      "length_norm_constant": 3.0, "advantage_eps": 0.01,
+                      "entropy_coef": 0.05, "target_delta_h": -0.1},
         "estimator": {"mode": "blocks", "block_size": 2},
         "entropy": {"normalization": "sequence", "estimator": "sampled"},
         "report": {"per_prompt": True},
@@ -58,7 +59,9 @@ def _non_default_request(ck: tuple[str, str]) -> ProbeRequest:
                      "ess_threshold": 0.25, "lr_multipliers": [0.5, 2.0]},
         "memory": {"teacher_force_microbatch_size": 5, "trace": False,
                    "host_budget_bytes": 12345},
-        "seed": 9, "save_updated_adapter_to": base + "-saved"})
+        "seed": 9, "save_updated_adapter_to": base + "-saved",
+        "entropy_batch": {"prompts": ["e", "f", "g"], "responses_per_prompt": 2,
+                          "num_prompts": 2}})
 
 
 def test_every_spec_field_comes_from_the_request():
@@ -69,6 +72,8 @@ def test_every_spec_field_comes_from_the_request():
         got, was = getattr(spec, f.name), getattr(default, f.name)
         if f.name == "rollouts":                     # prompts in this request, none to map
             continue
+        if was is None and f.name == "entropy_batch":    # optional section: its own defaults
+            was = core.EntropyBatchSpec(prompts=[])
         if dataclasses.is_dataclass(got):
             for sub in dataclasses.fields(got):
                 assert getattr(got, sub.name) != getattr(was, sub.name), (f.name, sub.name)

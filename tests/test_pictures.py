@@ -17,6 +17,7 @@ from headless import browser, is_local, open_tab, resource_urls, wait_until  # n
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
 from probe_core.trainer_state import trainer_step
 from service.cli import main as cli
+from service.client import ProbeFailed
 from service.demo import demo_request
 
 TOKEN = "pictures-token"
@@ -61,6 +62,19 @@ def jobs(module_server, tiny_checkpoint, run_dir) -> dict[str, tuple[str, int | 
     return ids
 
 
+@pytest.fixture(scope="module")
+def failed_job(module_server, tiny_checkpoint, run_dir) -> str:
+    """A job on <run>/checkpoint-3, a copy of checkpoint-2 without optimizer.pt: it fails."""
+    broken = os.path.join(run_dir, "checkpoint-3")
+    shutil.copytree(os.path.join(run_dir, "checkpoint-2"), broken,
+                    ignore=shutil.ignore_patterns("optimizer.pt"))
+    with module_server.client() as client:
+        job_id = client.submit(_request(tiny_checkpoint[0], broken))
+        with pytest.raises(ProbeFailed):
+            client.wait(job_id, timeout=JOB_TIMEOUT_S)
+    return job_id
+
+
 def _screenshot(tab, name: str, full_page: bool = True) -> None:
     out = os.environ.get("ENTROPY_PROBE_SCREENSHOTS")
     if out:
@@ -92,16 +106,21 @@ def test_trainer_step_reads_trainer_state_then_the_folder_name(tmp_path):
     assert trainer_step(None) is None
 
 
-def test_results_carry_the_checkpoint_and_its_step(module_server, jobs):
+def test_results_carry_the_checkpoint_and_its_step(module_server, jobs, failed_job, run_dir):
     with module_server.client() as client:
         for job_id, (adapter, step) in jobs.items():
-            result = client.get(job_id).result
-            assert result.checkpoint_step == step
-            assert result.checkpoint.adapter == adapter
+            job = client.get(job_id)
+            assert job.result.checkpoint_step == step
+            assert job.result.checkpoint.adapter == adapter == job.checkpoint.adapter
+        # a job that fails still says which checkpoint it was on (the /ui table shows it)
+        job = client.get(failed_job)
+        assert job.error.code.value == "optimizer_state_missing"
+        assert job.checkpoint.adapter == os.path.join(run_dir, "checkpoint-3")
+        assert job.result is None
 
 
 def test_ui_asks_for_the_token_then_draws_jobs_and_plots_and_follows_new_jobs(
-        browser, module_server, jobs, tiny_checkpoint, run_dir):
+        browser, module_server, jobs, failed_job, tiny_checkpoint, run_dir):
     url = module_server.url
     assert httpx.get(f"{url}/ui").status_code == 200           # a plain page load: no header
     assert httpx.get(f"{url}/ui/data").status_code == 401
@@ -127,6 +146,7 @@ def test_ui_asks_for_the_token_then_draws_jobs_and_plots_and_follows_new_jobs(
     assert [[1, 2], [1, 2]] in steps
     table = page.inner_text("#ep-jobs")
     assert "checkpoint-2" in table and "succeeded" in table and "±" in table
+    assert "checkpoint-3" in table and "[optimizer_state_missing]" in table  # the failed one
     _screenshot(tab, "ui.png")
 
     # a job submitted now shows up, finished, without a reload
@@ -137,6 +157,9 @@ def test_ui_asks_for_the_token_then_draws_jobs_and_plots_and_follows_new_jobs(
     page.click(f"tr[data-job='{new_id}']")                    # its own plots on a click
     page.wait_for_selector(f"#ep-details [data-job='{new_id}'] .plot svg.main-svg",
                            timeout=UI_TIMEOUT_MS)
+    page.click(f"tr[data-job='{failed_job}']")                # no result, no trace: a note
+    page.wait_for_selector("#ep-no-plots:not([hidden])", timeout=UI_TIMEOUT_MS)
+    assert f"{failed_job} has no plots yet (failed)" in page.inner_text("#ep-no-plots")
     _assert_nothing_left_the_machine(tab)
 
 

@@ -16,7 +16,8 @@ import signal
 
 import pytest
 
-from helpers import JOB_TIMEOUT_S, Server, metric, poll, quick_request, wait_running
+from helpers import (JOB_TIMEOUT_S, Server, metric, poll, quick_request, slow_request,
+                     wait_running)
 from probe_core.checkpoint import ModelCache
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
 from schemas import ErrorCode, JobStatus, ProbeJob
@@ -143,6 +144,18 @@ def test_a_killed_worker_fails_its_job_by_name_and_the_other_goes_on(pool, tiny_
     assert metric(pool, "entropy_probe_worker_restarts_total", worker=str(1 - index)) == 0
     job = finished(pool, submit(pool, quick_request(tiny_checkpoint, seed=7)))
     assert job.status == JobStatus.succeeded
+
+
+def test_cancel_reaches_the_right_worker(pool, tiny_checkpoint):
+    ids = [submit(pool, slow_request(tiny_checkpoint)),
+           submit(pool, medium_request(tiny_checkpoint, seed=9))]
+    wait_running(pool, ids[0])
+    r = pool.http.post(f"/probes/{ids[0]}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelling", r.text
+    first, second = (finished(pool, i) for i in ids)
+    assert first.status == JobStatus.cancelled and first.error.code == ErrorCode.cancelled
+    assert first.error.phase in ("rollouts", "teacher_forcing", "gradients", "step", "realized")
+    assert second.status == JobStatus.succeeded                         # the other went on
 
 
 def test_metrics_parse_and_label_each_worker(pool):

@@ -1,16 +1,20 @@
 """The step the probe takes is the step TRL's losses take (issue 15): for each TRL loss_type and
-scale_rewards, the saved updated adapter equals one real torch.optim.AdamW step on the loss
-written out token by token as TRL's GRPOTrainer aggregates it (brute force, autograd)."""
+scale_rewards, with and without TRL's entropy bonus, the saved updated adapter equals one real
+torch.optim.AdamW step on the loss written out token by token as TRL's GRPOTrainer aggregates it
+(brute force, autograd)."""
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import pytest
 import torch
 
-from exact_world import adamw_delta, load_policy, token_terms
+from exact_world import adamw_delta, flat_grad, load_policy, token_terms
 from probe_core.probe import run_probe
-from probe_core.spec import (CheckpointSpec, ClientRollout, GenerationSpec, ObjectiveSpec,
-                             ProbeSpec, RealizedSpec)
+from probe_core.spec import (CheckpointSpec, ClientRollout, EntropySpec, GenerationSpec,
+                             ObjectiveSpec, ProbeSpec, RealizedSpec)
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
 
 G = 4
@@ -20,6 +24,7 @@ RESPONSES = [["3", "12", "3 3", "33+1"], ["17", "1", "7", "17 7"], ["4", "10", "
              ["4", "5", "22", "4+0=4"], ["3", "27", "3", "1"]]
 REWARDS = [[1, 0, 0, 0.5], [1, 1, 0, 0], [1, 0, 0.5, 1], [1, 0, 0, 0.2], [0, 0, 1, 1]]
 TRL_EPS = 1e-4
+TEMPERATURE = 0.8
 
 
 @pytest.fixture(scope="module")
@@ -71,27 +76,37 @@ ADVANTAGES = {"group": dict(advantage="standardized", advantage_eps=TRL_EPS),
               "none": dict(advantage="mean_centered")}
 
 
-@pytest.mark.parametrize("loss_type,scale_rewards,clip", [
-    ("dapo", "group", None), ("dapo", "batch", 1e-3), ("bnpo", "none", None),
-    ("grpo", "group", None), ("dr_grpo", "batch", None)])
-def test_saved_step_is_adamw_on_trls_loss(ckpt, tmp_path, loss_type, scale_rewards, clip):
+@pytest.mark.parametrize("loss_type,scale_rewards,clip,coef,estimator", [
+    ("dapo", "group", None, 0.0, "full_vocabulary"), ("dapo", "batch", 1e-3, 0.0, "sampled"),
+    ("bnpo", "none", None, 0.0, "full_vocabulary"), ("grpo", "group", None, 0.0, "sampled"),
+    ("dr_grpo", "batch", None, 0.0, "full_vocabulary"),
+    # TRL's entropy bonus, with either entropy estimator measured (the bonus is always the
+    # token-mean full-vocabulary entropy through the logits)
+    ("dapo", "group", None, 0.3, "full_vocabulary"), ("grpo", "none", 1e-3, 0.3, "sampled"),
+    ("dapo", "batch", None, -0.2, "sampled")])
+def test_saved_step_is_adamw_on_trls_loss(ckpt, tmp_path, loss_type, scale_rewards, clip, coef,
+                                          estimator):
     base, adapter = ckpt
     model, tok, params = load_policy(base, adapter)
     rollouts = _rollouts(tok)
     saved = str(tmp_path / "stepped")
     spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=rollouts,
                      reward_kind="provided", responses_per_prompt=G,
-                     generation=GenerationSpec(max_new_tokens=MAX_NEW),
+                     generation=GenerationSpec(max_new_tokens=MAX_NEW, temperature=TEMPERATURE),
                      objective=ObjectiveSpec(**OBJECTIVES[loss_type],
-                                             **ADVANTAGES[scale_rewards]),
+                                             **ADVANTAGES[scale_rewards], entropy_coef=coef),
+                     entropy=EntropySpec(estimator=estimator),
                      max_grad_norm=clip, realized=RealizedSpec(enabled=False),
                      save_updated_adapter_to=saved)
     out = run_probe(spec)
 
-    logps = [token_terms(model, tok(r.prompt, add_special_tokens=False)["input_ids"], resp)[0]
-             for r in rollouts for resp in r.responses]
+    terms = [token_terms(model, tok(r.prompt, add_special_tokens=False)["input_ids"], resp,
+                         TEMPERATURE) for r in rollouts for resp in r.responses]
+    logps = [lp for lp, _ in terms]
     rewards = torch.tensor([r.rewards for r in rollouts], dtype=torch.float64)
     loss = _trl_loss(loss_type, logps, _trl_advantages(rewards, scale_rewards))
+    # grpo_trainer: loss − entropy_coef · Σ_tokens h / tokens (through the logits only)
+    loss = loss - coef * torch.cat([h for _, h in terms]).sum() / sum(len(h) for _, h in terms)
     sd = torch.load(f"{adapter}/optimizer.pt", weights_only=True)
     want = adamw_delta(params, sd, loss, clip)
     theta = torch.cat([p.detach().reshape(-1).double() for p in params])
@@ -101,3 +116,98 @@ def test_saved_step_is_adamw_on_trls_loss(ckpt, tmp_path, loss_type, scale_rewar
     torch.testing.assert_close(out.step.delta, want, rtol=1e-4, atol=2e-7)
     if clip is not None:
         assert out.optimizer.clip_factor < 1.0     # the clipped branch was exercised
+    n_seq = len(PROMPTS) * G                       # one more backward only for the bonus
+    assert out.passes.backward == n_seq * (1 + (estimator == "full_vocabulary") + (coef != 0))
+    assert (out.reward.entropy_bonus_term != 0) == (coef != 0)
+
+
+def test_reward_side_is_the_same_when_units_are_recomputed(ckpt):
+    """Over the host budget the unit vectors are recomputed for their dots: δJ₁, the bonus
+    term, the exchange rate and the coefficient for a target come out the same."""
+    base, adapter = ckpt
+    tok = load_policy(base, adapter)[1]
+
+    def probe(budget: int):
+        spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=_rollouts(tok),
+                         reward_kind="provided", responses_per_prompt=G,
+                         generation=GenerationSpec(max_new_tokens=MAX_NEW),
+                         objective=ObjectiveSpec(length_norm="token_mean", entropy_coef=0.3,
+                                                 target_delta_h=0.0),
+                         realized=RealizedSpec(enabled=False), host_budget_bytes=budget)
+        return run_probe(spec)
+
+    kept, streamed = probe(8 << 30), probe(0)
+    assert kept.unit_x is not None and streamed.unit_x is None
+    a, b = kept.reward, streamed.reward
+    for x, y in [(a.delta_j1.total, b.delta_j1.total), (a.delta_j1.se, b.delta_j1.se),
+                 (a.delta_j1.entropy_bonus_term, b.delta_j1.entropy_bonus_term),
+                 (a.entropy_bonus_term, b.entropy_bonus_term),
+                 (kept.delta_h1.gradient_term, streamed.delta_h1.gradient_term),
+                 (kept.delta_h1.total, streamed.delta_h1.total)]:
+        assert math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-12), (x, y)
+    assert (a.entropy_coef_for_target is None) == (b.entropy_coef_for_target is None)
+    if a.entropy_coef_for_target is not None:
+        assert math.isclose(a.entropy_coef_for_target.value, b.entropy_coef_for_target.value,
+                            rel_tol=1e-5)
+    assert a.entropy_bonus_term != 0.0
+
+
+def test_nulls_when_the_step_is_zero(ckpt):
+    """lr 0: δJ₁ = 0, so no exchange rate; the bonus slope is 0, so no coefficient for a
+    target (rather than a division by zero)."""
+    base, adapter = ckpt
+    tok = load_policy(base, adapter)[1]
+    spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=_rollouts(tok),
+                     reward_kind="provided", responses_per_prompt=G,
+                     generation=GenerationSpec(max_new_tokens=MAX_NEW), lr_override=0.0,
+                     objective=ObjectiveSpec(entropy_coef=0.3, target_delta_h=0.01),
+                     realized=RealizedSpec(enabled=False))
+    out = run_probe(spec)
+    assert out.reward.delta_j1.total == 0.0 and out.reward.exchange_rate is None
+    assert out.reward.entropy_coef_for_target is None and out.reward.entropy_bonus_term == 0.0
+
+
+def test_delta_j1_equals_brute_force_from_per_sequence_gradients(ckpt):
+    """δJ₁ and its bonus part from explicit per-sequence gradients (autograd, one sequence at
+    a time): Z_u = Σ_g (R_g − R̄_{−g})/G ∇S_g, Y_u + c·s·P_u, the U-statistic over ordered
+    pairs of different units, with the probe's own step (D, κ)."""
+    base, adapter = ckpt
+    model, tok, params = load_policy(base, adapter)
+    rollouts, coef = _rollouts(tok), 0.3
+    spec = ProbeSpec(checkpoint=CheckpointSpec(base, adapter), rollouts=rollouts,
+                     reward_kind="provided", responses_per_prompt=G,
+                     generation=GenerationSpec(max_new_tokens=MAX_NEW),
+                     objective=ObjectiveSpec(length_norm="token_mean", entropy_coef=coef),
+                     realized=RealizedSpec(enabled=False))
+    out = run_probe(spec)
+    grads_s, grads_e, lengths = [], [], []
+    for r in rollouts:
+        prompt = tok(r.prompt, add_special_tokens=False)["input_ids"]
+        for resp in r.responses:
+            grads_s.append(flat_grad(token_terms(model, prompt, resp)[0].sum(), params))
+            grads_e.append(flat_grad(token_terms(model, prompt, resp)[1].sum(), params))
+            lengths.append(len(resp))
+    b = len(rollouts)
+    gs, ge = torch.stack(grads_s).view(b, G, -1), torch.stack(grads_e).view(b, G, -1)
+    rewards = torch.tensor([r.rewards for r in rollouts], dtype=torch.float64)
+    c_z = (rewards - (rewards.sum(1, keepdim=True) - rewards) / (G - 1)) / G
+    c_y = (rewards - rewards.mean(1, keepdim=True)) / (G * (sum(lengths) / (b * G)))
+    scale = b / sum(lengths)                                   # TRL's bonus: s·P̄, s = B/T_tot
+    z = (c_z[..., None] * gs).sum(1)                                           # [B, P]
+    p = ge.sum(1)
+    y = (c_y[..., None] * gs).sum(1) + coef * scale * p
+    step = out.step
+
+    def u_cross(a, w, v):
+        pairs = list(itertools.permutations(range(b), 2))
+        return sum(float(a[i] @ (w * v[j])) for i, j in pairs) / len(pairs)
+
+    grad_term = step.kappa * u_cross(z, step.w_grad, y)
+    bonus = step.kappa * coef * scale * u_cross(z, step.w_grad, p)
+    total = grad_term - float((z @ step.w_momentum).mean()) - float((z @ step.w_decay).mean())
+    d = out.reward.delta_j1
+    close = dict(rel_tol=2e-4, abs_tol=1e-10)
+    assert math.isclose(d.total, total, **close), (d.total, total)
+    assert math.isclose(d.entropy_bonus_term, bonus, **close), (d.entropy_bonus_term, bonus)
+    assert math.isclose(d.gradient_term, grad_term - bonus, **close)
+    assert d.informative_units == int((rewards != rewards[:, :1]).any(1).sum())

@@ -36,7 +36,6 @@ MAX_STEPS = 3
 LR = 1e-2
 TEMPERATURE = 0.7
 MAX_GRAD_NORM = 0.05       # small enough that TRL clips: κ < 1 is part of the check
-ENTROPY_COEF = 0.0
 
 
 class RecordingReward:
@@ -56,8 +55,9 @@ class RecordingReward:
         return rewards
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+@pytest.fixture(scope="module", params=[0.0, 0.2], ids=["no_bonus", "entropy_coef"])
+def run(request, tmp_path_factory):
+    """A GRPOTrainer run; with entropy_coef, TRL's loss has its entropy bonus."""
     root = str(tmp_path_factory.mktemp("trl_dapo"))
     base = os.path.join(root, "base")
     write_tiny_base(base)
@@ -68,7 +68,7 @@ def run(tmp_path_factory):
         per_device_train_batch_size=len(PROMPTS) * G // 2, num_generations=G,
         max_completion_length=8, temperature=TEMPERATURE, max_grad_norm=MAX_GRAD_NORM,
         loss_type="dapo", scale_rewards="group", beta=0.0, num_iterations=1,
-        entropy_coef=ENTROPY_COEF, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
+        entropy_coef=request.param, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
         fp16=False, seed=0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                       task_type="CAUSAL_LM")
@@ -77,7 +77,7 @@ def run(tmp_path_factory):
                           processing_class=build_tokenizer(TinyConfig()), peft_config=lora)
     assert trainer.args.steps_per_generation == trainer.args.gradient_accumulation_steps == 1
     trainer.train()
-    return root, base, args.output_dir, reward
+    return root, base, args.output_dir, reward, request.param
 
 
 def _rollouts(batch) -> list[ClientRollout]:
@@ -92,7 +92,7 @@ def _rollouts(batch) -> list[ClientRollout]:
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_probe_step_is_trls_next_checkpoint(run, tmp_path, n):
-    root, base, out_dir, reward = run
+    root, base, out_dir, reward, entropy_coef = run
     ckpt, nxt = (os.path.join(out_dir, f"checkpoint-{k}") for k in (n, n + 1))
     rollouts = _rollouts(reward.batches[n])
     saved = str(tmp_path / "probe_step")
@@ -101,7 +101,7 @@ def test_probe_step_is_trls_next_checkpoint(run, tmp_path, n):
         responses_per_prompt=G,
         generation=GenerationSpec(max_new_tokens=8, temperature=TEMPERATURE),
         objective=ObjectiveSpec(advantage="standardized", advantage_eps=1e-4,
-                                length_norm="token_mean"),
+                                length_norm="token_mean", entropy_coef=entropy_coef),
         max_grad_norm=MAX_GRAD_NORM, realized=RealizedSpec(enabled=False),
         save_updated_adapter_to=saved)
     out = run_probe(spec)

@@ -202,13 +202,19 @@ def test_callback_logs_probe_results(run):
     seen = [e for e in tracker.seen if "entropy_probe/delta_h1" in e]
     assert sorted(int(e["entropy_probe/checkpoint_step"]) for e in seen) == steps
     for e in logged:
-        for key in ("delta_h1", "delta_h1_se", "delta_h", "ess_fraction", "entropy"):
+        for key in ("delta_h1", "delta_h1_se", "delta_h", "ess_fraction", "entropy",
+                    "delta_j1", "delta_j1_se"):
             assert math.isfinite(e[f"entropy_probe/{key}"]), (key, e)
         assert 0.0 < e["entropy_probe/ess_fraction"] <= 1.0
         assert 0.0 < e["entropy_probe/entropy"] <= math.log(len(build_tokenizer(TinyConfig())))
     by_step = {int(e["entropy_probe/checkpoint_step"]): e for e in logged}
     assert by_step[MAX_STEPS]["entropy_probe/delta_h1"] == 0.0       # lr 0 at the end
     assert by_step[1]["entropy_probe/delta_h1"] != 0.0
+    assert by_step[MAX_STEPS]["entropy_probe/delta_j1"] == 0.0
+    # the exchange rate is logged exactly when δJ₁ is clear of zero by one SE
+    for e in logged:
+        clear = abs(e["entropy_probe/delta_j1"]) > e["entropy_probe/delta_j1_se"]
+        assert ("entropy_probe/exchange_rate" in e) == clear, e
 
 
 def test_plain_lora_layout_and_unreachable_service(root, caplog):

@@ -14,7 +14,7 @@ pytest.importorskip("trl")
 from trl import GRPOConfig  # noqa: E402
 
 from schemas import ProbeRequest  # noqa: E402
-from service.integrations.trl import _body, trainer_fields  # noqa: E402
+from service.integrations.trl import _body, applied_entropy_coef, trainer_fields  # noqa: E402
 
 ROLLOUTS = {"rollouts": [{"prompt": "1+2=", "responses": ["3", "4"], "rewards": [1.0, 0.0]},
                          {"prompt": "2+2=", "responses": ["4", "5"], "rewards": [1.0, 0.0]}],
@@ -39,6 +39,11 @@ def test_objective_follows_loss_type_and_scale_rewards(tmp_path, loss_type, scal
     args = _config(tmp_path, loss_type=loss_type, scale_rewards=scale, temperature=0.7,
                    max_grad_norm=0.5)
     fields = trainer_fields(args)
+    assert "entropy_coef" not in fields["objective"]                  # TRL's default 0
+    with_bonus = trainer_fields(_config(tmp_path, loss_type=loss_type, entropy_coef=0.05))
+    assert with_bonus["objective"]["entropy_coef"] == 0.05
+    # under adaptive control the trainer's current coefficient wins over args' initial one
+    assert trainer_fields(args, entropy_coef=0.02)["objective"]["entropy_coef"] == 0.02
     assert fields == {"objective": objective,
                       "generation": {"temperature": 0.7, "max_new_tokens": 12},
                       "optimizer_overrides": {"max_grad_norm": 0.5}}
@@ -65,3 +70,19 @@ def test_request_wins_and_unreproduced_losses_are_left_to_the_request(tmp_path, 
         fields = trainer_fields(_config(tmp_path, loss_type="cispo"))
     assert "length_norm" not in fields["objective"]
     assert any("cispo" in r.getMessage() for r in caplog.records)
+
+
+def test_adaptive_entropy_coefficient_is_the_one_the_next_step_applies(tmp_path):
+    """use_adaptive_entropy: TRL applies the current coefficient only while the last window's
+    entropy is at or below entropy_target, else 0; a static coefficient applies as it is."""
+    class Trainer:
+        entropy_coef, _last_world_entropy = 0.03, 1.2
+
+    args = _config(tmp_path, use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=1.0)
+    assert applied_entropy_coef(Trainer(), args) == 0.0            # above target: gated off
+    Trainer._last_world_entropy = 0.8
+    assert applied_entropy_coef(Trainer(), args) == 0.03           # below: the current one
+    static = _config(tmp_path, entropy_coef=0.01)
+    assert applied_entropy_coef(Trainer(), static) == 0.03
+    assert applied_entropy_coef(None, static) is None               # not attached: args'
+    assert trainer_fields(static, None)["objective"]["entropy_coef"] == 0.01

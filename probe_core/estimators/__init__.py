@@ -9,6 +9,7 @@ from __future__ import annotations
 from probe_core.estimators.base import Estimator, UnitLayout
 from probe_core.estimators.blocks import BlocksEstimator
 from probe_core.estimators.exact import ExactEstimator
+from probe_core.estimators.two_batch import TwoBatchEstimator, unconditional_se
 from probe_core.estimators.ustat import (BilinearDots, DeltaH1, UnitDots, UnitMeans, UStat,
                                          cross_unit_delta_h1, jackknife_se, u_statistic,
                                          unit_dots)
@@ -17,6 +18,7 @@ from probe_core.spec import EstimatorSpec
 MODES = {
     "exact": lambda spec: ExactEstimator(),
     "blocks": lambda spec: BlocksEstimator(spec.block_size),
+    "two_batch": lambda spec: TwoBatchEstimator(),
 }
 
 
@@ -29,5 +31,5 @@ def estimator_for(spec: EstimatorSpec) -> Estimator:
 
 
 __all__ = ["BilinearDots", "DeltaH1", "Estimator", "MODES", "UStat", "UnitDots", "UnitLayout",
-           "UnitMeans", "cross_unit_delta_h1", "estimator_for", "jackknife_se", "u_statistic",
-           "unit_dots"]
+           "TwoBatchEstimator", "UnitMeans", "cross_unit_delta_h1", "estimator_for", "jackknife_se",
+           "u_statistic", "unconditional_se", "unit_dots"]

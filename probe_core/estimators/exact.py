@@ -16,7 +16,7 @@ class ExactEstimator:
     def layout(self, num_prompts: int, group_size: int) -> UnitLayout:
         if num_prompts < MIN_UNITS:
             raise DegenerateBatch(f"{num_prompts} prompts give fewer than {MIN_UNITS} units "
-                                  "(mode=exact); δH₁ needs at least 2 independent units",
+                                  f"(mode={self.mode}); δH₁ needs at least 2 independent units",
                                   phase="rollouts")
         return contiguous_layout(num_prompts, group_size, 1)
 

@@ -178,9 +178,12 @@ class DeltaH1:
     Fields: total (= the three terms' sum), se (jackknife SE of total, None when U < 3),
     gradient_term, momentum_term, weight_decay_term; u_statistic: the U-statistic with W = D
     (reported as `u_statistic`; None for estimators without one); per_unit: each unit's
-    contribution [U] float64 (their mean is total), for the per-prompt view; leave_one_out: the
-    delete-one totals [U] whose jackknife spread is se (None when U < 3), for ratios of two
-    estimates on the same units (reward_side.exchange_rate).
+    contribution [U] float64 (their mean is total), for the per-prompt view; target: what
+    total estimates ("fresh_prompts": the change on prompts drawn like the batch's, by the
+    U-statistic; "held_out": on the E batch's prompts, two_batch); se_unconditional (two_batch):
+    se plus the U batch's sampling spread of Δθ; leave_one_out: the delete-one totals [U] whose
+    jackknife spread is se (None when U < 3), for ratios of two estimates on the same units
+    (reward_side.exchange_rate) and paired differences (importance.curvature).
     """
 
     total: float
@@ -190,6 +193,8 @@ class DeltaH1:
     weight_decay_term: float
     u_statistic: UStat | None
     per_unit: torch.Tensor | None = None
+    target: str = "fresh_prompts"
+    se_unconditional: float | None = None
     leave_one_out: torch.Tensor | None = None
 
 

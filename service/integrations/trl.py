@@ -54,6 +54,12 @@ class _Done:
                f"{PREFIX}delta_h1": r.delta_h1.total}
         if r.delta_h1.se is not None:
             out[f"{PREFIX}delta_h1_se"] = r.delta_h1.se
+        if r.delta_j1 is not None:
+            out[f"{PREFIX}delta_j1"] = r.delta_j1.total
+            if r.delta_j1.se is not None:
+                out[f"{PREFIX}delta_j1_se"] = r.delta_j1.se
+        if r.exchange_rate is not None:
+            out[f"{PREFIX}exchange_rate"] = r.exchange_rate.value
         if r.realized is not None:
             out[f"{PREFIX}delta_h"] = r.realized.delta_h
             if r.realized.se is not None:
@@ -80,7 +86,8 @@ class EntropyProbeCallback(TrainerCallback):
         probe_timeout: seconds to wait for one probe before giving up on it.
         wait_at_end: in on_train_end, wait up to end_timeout seconds for outstanding probes and
             log their results (as one more log entry per result).
-        match_trainer: fill the request's objective (from loss_type and scale_rewards),
+        match_trainer: fill the request's objective (from loss_type, scale_rewards and
+            entropy_coef),
             generation temperature and max_new_tokens (max_completion_length) and
             optimizer_overrides.max_grad_norm from the trainer's args, so the probed step is
             the trainer's; what the request sets itself wins.
@@ -90,7 +97,7 @@ class EntropyProbeCallback(TrainerCallback):
                  token: str | None = None, every_n_saves: int = 1,
                  map_path: Callable[[str], str] | None = None, probe_timeout: float = 3600.0,
                  wait_at_end: bool = False, end_timeout: float = 600.0, poll: float = 0.5,
-                 match_trainer: bool = True):
+                 match_trainer: bool = True, entropy_prompts: list[str] | None = None):
         if not callable(request):
             _body(request, "checkpoint-0", base_model)   # a bad template fails here, not later
         self.base_url, self.request, self.base_model, self.token = (base_url, request,
@@ -100,6 +107,9 @@ class EntropyProbeCallback(TrainerCallback):
         self.probe_timeout, self.poll = probe_timeout, poll
         self.wait_at_end, self.end_timeout = wait_at_end, end_timeout
         self.match_trainer = match_trainer
+        # held-out prompts: two-batch mode, δH₁ and ΔH measured on them (README)
+        self.held_out = ({"entropy_batch": {"prompts": list(entropy_prompts)}}
+                         if entropy_prompts else {})
         self._run_id = uuid.uuid4().hex[:12]
         self._saves = 0
         self._todo: queue.Queue[tuple[int, dict] | None] = queue.Queue()
@@ -136,7 +146,8 @@ class EntropyProbeCallback(TrainerCallback):
         try:
             template = self.request(state.global_step) if callable(self.request) else self.request
             body = _body(template, self.map_path(os.path.abspath(ckpt)), self.base_model,
-                         trainer_fields(args) if self.match_trainer else None)
+                         {**(trainer_fields(args, applied_entropy_coef(self._trainer, args))
+                             if self.match_trainer else {}), **self.held_out})
         except Exception as exc:  # a user callable or template error must not stop training
             log.warning("entropy-probe: could not build the request for step %d: %s",
                         state.global_step, exc)
@@ -207,11 +218,25 @@ class EntropyProbeCallback(TrainerCallback):
                     self._outstanding -= 1
 
 
-def trainer_fields(args) -> dict:
+def applied_entropy_coef(trainer, args) -> float | None:
+    """The entropy_coef TRL's next step applies: under use_adaptive_entropy the trainer's
+    current coefficient, gated to 0 while the last window's entropy is above entropy_target
+    (grpo_trainer._compute_loss); None without an attached trainer (then args.entropy_coef)."""
+    if trainer is None or not hasattr(trainer, "entropy_coef"):
+        return None
+    if getattr(args, "use_adaptive_entropy", False):
+        last = getattr(trainer, "_last_world_entropy", None)
+        if last is not None and last > args.entropy_target:
+            return 0.0
+    return float(trainer.entropy_coef)
+
+
+def trainer_fields(args, entropy_coef: float | None = None) -> dict:
     """The request sections that make the probed step the trainer's own: the objective of its
-    loss_type and scale_rewards, its sampling temperature and completion length, its gradient
-    clipping. Arguments it does not have (a plain Trainer) or loss types the probe does not
-    reproduce are left out (logged)."""
+    loss_type and scale_rewards (and its entropy bonus: `entropy_coef`, the trainer's current
+    one under adaptive control, else args.entropy_coef), its sampling temperature and
+    completion length, its gradient clipping. Arguments it does not have (a plain Trainer) or
+    loss types the probe does not reproduce are left out (logged)."""
     objective, generation, overrides = {}, {}, {}
     loss_type = getattr(args, "loss_type", None)
     if loss_type in LENGTH_NORMS:
@@ -226,6 +251,9 @@ def trainer_fields(args) -> dict:
         objective["advantage"] = ADVANTAGES[scale]
         if ADVANTAGES[scale] != "mean_centered":
             objective["advantage_eps"] = TRL_STD_EPS
+    coef = entropy_coef if entropy_coef is not None else getattr(args, "entropy_coef", None)
+    if coef:
+        objective["entropy_coef"] = float(coef)
     if getattr(args, "temperature", None) is not None:
         generation["temperature"] = float(args.temperature)
     if getattr(args, "max_completion_length", None):

@@ -15,7 +15,8 @@ def row(job: JobView) -> JobRow:
                  checkpoint=job.adapter, duration_s=job.duration_s, error=job.error)
     if r is None:
         return out
-    out.step, out.delta_h1, out.delta_h1_se = r.checkpoint_step, r.delta_h1.total, r.delta_h1.se
+    out.step, out.entropy = r.checkpoint_step, figures.entropy_kind(r)
+    out.delta_h1, out.delta_h1_se = r.delta_h1.total, r.delta_h1.se
     if r.realized is not None:
         out.delta_h, out.delta_h_se = r.realized.delta_h, r.realized.se
     delta_j1 = getattr(r, "delta_j1", None)        # the reward side's estimate, when present
@@ -35,18 +36,22 @@ def build(jobs: list[JobView], detail: str | None = None, title: str = "entropy-
     memory trace."""
     done = [j for j in jobs if j.result is not None]
     drawable = [j for j in jobs if j.result is not None or j.memory_trace]
-    runs: dict[str, list[JobView]] = {}
+    # one plot per run and entropy kind: kinds differ in unit (per token, per response)
+    runs: dict[tuple[str, str], list[JobView]] = {}
     for job in done:
-        runs.setdefault(job.run, []).append(job)
+        runs.setdefault((job.run, figures.entropy_kind(job.result)), []).append(job)
+    listed = {j.id for j in jobs}
     if detail == "*":
         picked = drawable
+    elif detail in listed:              # a job without plots yet (queued, running) stays chosen
+        picked = [j for j in drawable if j.id == detail]
     else:
-        picked = [j for j in drawable if j.id == detail] or done[:1]
+        picked = done[:1]
     return Dashboard(
         jobs=[row(j) for j in jobs],
-        runs=[RunPlot(run=name, figure=figures.run_figure(name, members))
-              for name, members in sorted(runs.items())],
+        runs=[RunPlot(run=name, entropy=kind, figure=figures.run_figure(name, members))
+              for (name, kind), members in sorted(runs.items())],
         details={j.id: job_plots(j) for j in picked},
-        selected=picked[0].id if len(picked) == 1 else None,
+        selected=detail if detail in listed else picked[0].id if len(picked) == 1 else None,
         unfinished=sum(j.status in UNFINISHED for j in jobs),
         template=figures.template(), title=title)

@@ -46,10 +46,18 @@ def _json(fig: go.Figure) -> dict:
     return fig.to_plotly_json()
 
 
+def entropy_kind(result: ProbeResult) -> str:
+    """The entropy the numbers are in: "token_mean, full_vocabulary" (nats per token) ...;
+    a result without the field is the first round's sequence entropy of sampled tokens."""
+    kind = getattr(result, "entropy", None)
+    if kind is None:
+        return "sequence, sampled"
+    return f"{kind.normalization}, {kind.estimator}"
+
+
 def entropy_unit(result: ProbeResult) -> str:
-    """What one unit of H is: nats per response (sequence entropy) or per token."""
-    entropy = getattr(result, "entropy", None)
-    per_token = getattr(entropy, "normalization", "sequence") == "token_mean"
+    """What one unit of H is: nats per token (token_mean) or per response (sequence)."""
+    per_token = entropy_kind(result).startswith("token_mean")
     return "nats per token" if per_token else "nats per response"
 
 
@@ -67,7 +75,8 @@ def short_path(path: str, keep: int = 2) -> str:
 
 def run_figure(run: str, jobs: list[JobView]) -> dict:
     """δH₁ and the realized ΔH, ± 1 SE, against the checkpoint step for the succeeded jobs of one
-    run (a job without a step is placed by its order when any job of the run lacks one)."""
+    run and one entropy kind (a job without a step is placed by its order when any job of the
+    run lacks one)."""
     done = [j for j in jobs if j.result is not None]
     by_step = all(j.result.checkpoint_step is not None for j in done)
     if by_step:
@@ -82,7 +91,8 @@ def run_figure(run: str, jobs: list[JobView]) -> dict:
     labels = [_plain(i) for i in ids]
     # lines join one job per step; several jobs at one step (seeds, batches) stand as points
     mode = "lines+markers" if len(set(xs)) == len(xs) else "markers"
-    title = f"δH₁ vs realized ΔH · run {_plain(short_path(run))}"
+    kind = f" · {entropy_kind(done[0].result)}" if done else ""
+    title = f"δH₁ vs realized ΔH · run {_plain(short_path(run))}{kind}"
     y_title = f"ΔH per step ({entropy_unit(done[0].result)})" if done else "ΔH per step"
     fig = go.Figure(layout=_layout(title, x_title, y_title, scattermode="group",
                                    scattergap=0.8))
@@ -123,7 +133,7 @@ def lr_curve_figure(job: JobView) -> dict | None:
     d, se = r.delta_h1.total, r.delta_h1.se or 0.0
     s_line = sorted({0.0, *(row.lr_multiplier for row in rows)})
     fig = go.Figure(layout=_layout(
-        f"First order along the step · {_plain(job.id)}",
+        f"First order along the step · {entropy_kind(r)}",
         f"lr multiplier s (s = 1: the real step, lr {r.optimizer.lr:.2e})",
         f"ΔH ({entropy_unit(r)})"))
     fig.add_scatter(x=s_line, y=[s * (d + se) for s in s_line], mode="lines", hoverinfo="skip",
@@ -162,7 +172,7 @@ def memory_figure(job: JobView) -> dict | None:
     y_title = "host RSS, MiB" + (" (dashed: device peak)" if any(
         p.device_peak_bytes is not None for p in trace) else "")
     title = "Memory by phase" + (" up to the failure" if job.result is None else "")
-    fig = go.Figure(layout=_layout(f"{title} · {_plain(job.id)}",
+    fig = go.Figure(layout=_layout(title,
                                    "time since the probe started (s)", y_title,
                                    legend_title_text="phase"))
     spare: dict[str, str] = {}

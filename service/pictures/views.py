@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from schemas import JobStatus, ProbeJob, ProbeResult
-from schemas.result import TracePoint
+from schemas.result import CheckpointEcho, TracePoint
 
 NO_RUN = "(checkpoint path unknown)"
 
@@ -26,6 +26,7 @@ class JobView:
     error: str | None = None          # "[code] message (phase)" of a failed job
     progress: str | None = None       # of an unfinished job: "teacher_forcing 12/60"
     failure_trace: tuple[TracePoint, ...] = ()   # memory up to an OOM or a deadline
+    checkpoint: CheckpointEcho | None = None     # the job's (the result has it too)
 
     @property
     def memory_trace(self) -> list[TracePoint]:
@@ -34,7 +35,7 @@ class JobView:
 
     @property
     def adapter(self) -> str | None:
-        ck = self.result.checkpoint if self.result is not None else None
+        ck = self.checkpoint or (self.result.checkpoint if self.result is not None else None)
         return (ck.adapter or ck.base_model) if ck is not None else None
 
     @property
@@ -62,7 +63,7 @@ class JobView:
         trace = job.error.memory_trace if job.error is not None else None
         return cls(id=job.id, status=job.status.value, result=job.result,
                    created_at=job.created_at, duration_s=duration, error=error,
-                   progress=progress,
+                   progress=progress, checkpoint=job.checkpoint,
                    failure_trace=tuple(TracePoint.model_validate(t) for t in trace or ()))
 
     @classmethod

@@ -18,31 +18,34 @@
     return node;
   };
 
+  // Fixed point between 0.01 and 10⁴, else exponent: small estimates stay readable.
+  const tiny = (a) => a !== 0 && (a < 1e-2 || a >= 1e4);
   function num(v) {
     if (v === null || v === undefined) return "";
-    const a = Math.abs(v);
-    return (v >= 0 ? "+" : "") + (a !== 0 && (a < 1e-2 || a >= 1e4) ? v.toExponential(2)
-                                                                   : v.toFixed(4));
+    return (v >= 0 ? "+" : "") + (tiny(Math.abs(v)) ? v.toExponential(2) : v.toFixed(4));
   }
-  const pm = (v, se) => v === null || v === undefined ? "" :
-    num(v) + (se === null || se === undefined ? " (SE n/a)" : " ± " + Math.abs(se).toPrecision(2));
+  const se = (s) => tiny(Math.abs(s)) ? Math.abs(s).toExponential(1) : Math.abs(s).toFixed(3);
+  const pm = (v, s) => v === null || v === undefined ? "" :
+    num(v) + (s === null || s === undefined ? " (SE n/a)" : " ± " + se(s));
   const seconds = (s) => s === null || s === undefined ? "" :
     s < 60 ? s.toFixed(1) + " s" : Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
   const short = (path) => path ? path.split("/").filter(Boolean).pop() : "";
+  // "run-3/checkpoint-200": the run and the checkpoint (the full path is the cell's title)
+  const lastTwo = (path) => path ? path.split("/").filter(Boolean).slice(-2).join("/") : "";
 
   function columns(jobs) {
     const cols = [
       ["job", (j) => j.id, "id"],
       ["status", (j) => j.status + (j.progress ? " · " + j.progress : ""), "status"],
-      ["checkpoint", (j) => short(j.checkpoint), ""],
+      ["checkpoint", (j) => lastTwo(j.checkpoint), ""],
       ["step", (j) => j.step === null ? "" : String(j.step), "num"],
+      ["entropy", (j) => j.entropy || "", ""],
       ["δH₁ ± SE (predicted)", (j) => pm(j.delta_h1, j.delta_h1_se), "num"],
       ["ΔH ± SE (realized)", (j) => pm(j.delta_h, j.delta_h_se), "num"],
     ];
     if (jobs.some((j) => j.delta_j1 !== null && j.delta_j1 !== undefined))
       cols.push(["δJ₁ ± SE (reward)", (j) => pm(j.delta_j1, j.delta_j1_se), "num"]);
-    cols.push(["duration", (j) => seconds(j.duration_s), "num"],
-              ["run", (j) => j.run, ""]);
+    cols.push(["duration", (j) => seconds(j.duration_s), "num"]);
     return cols;
   }
 
@@ -112,7 +115,7 @@
     const box = $("ep-details");
     const ids = Object.keys(details);
     for (const child of Array.from(box.children))
-      if (!ids.includes(child.dataset.job)) {
+      if (child.dataset.job && !ids.includes(child.dataset.job)) {
         child.querySelectorAll(".plot").forEach((p) => { resizer.unobserve(p); Plotly.purge(p); });
         child.remove();
       }
@@ -136,13 +139,31 @@
     }
   }
 
+  // The chosen job has no plots yet (queued, running, failed without a trace): say so.
+  function noPlotsNote(dash) {
+    const box = $("ep-details");
+    let note = $("ep-no-plots");
+    const show = selected !== null && !(selected in dash.details);
+    if (show && !note) {
+      note = el("p", { id: "ep-no-plots", class: "empty" });
+      box.prepend(note);
+    }
+    if (note) {
+      note.hidden = !show;
+      const job = dash.jobs.find((j) => j.id === selected);
+      if (show) note.textContent = "Job " + selected + " has no plots yet (" +
+        (job ? job.status + (job.progress ? ": " + job.progress : "") : "not listed") + ").";
+    }
+  }
+
   function render(dash) {
     template = dash.template;
     selected = dash.selected !== null ? dash.selected : selected;
     renderTable(dash.jobs);
-    plots($("ep-runs"), dash.runs.map((r) => ["run:" + r.run, r.figure]));
+    plots($("ep-runs"), dash.runs.map((r) => ["run:" + r.run + ":" + r.entropy, r.figure]));
     $("ep-no-runs").hidden = dash.runs.length > 0;
     renderDetails(dash.details, dash.jobs);
+    noPlotsNote(dash);
   }
 
   function status(text, bad) {

@@ -1,0 +1,138 @@
+"""The E batch of two-batch mode (issue 14): held-out prompts sampled from the checkpoint's
+policy, whose entropy gradient X_u is dotted with the U batch's step as each unit is computed.
+
+Δθ is known before the E batch's gradient pass, so no E unit vector is kept: per unit, its
+accumulator rows (summaries.py) are dotted with the step's four vectors and dropped. Memory
+stays flat in B_E; only the unit sums of the rows ([P] each) are kept, for X̄_E.
+
+Baselines. With G_E ≥ 2 each prompt's responses baseline each other (SummaryPlan.combine, as
+in the U batch). With G_E = 1 there is no group: the baseline of sequence u is the leave-one-out
+mean over the *other* E sequences (other prompts, drawn independently, so still independent of
+sequence u and E[X_u] = −∇H_u), applied once the whole E batch is known:
+    sampled          X^seq_u = b_u∇S_u − b̄_{−u}∇S_u                      (b = S)
+    full_vocabulary  X^seq_u = −(∇F_u − b̄_{−u}∇S_u)                      (b = m)
+    token_mean       N_u = T_u∇S_u − T̄_{−u}∇S_u,   X_u = (X^seq_u + Ĥ_tok N_u)/Ê[T].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from probe_core.adamw import AdamWStep
+from probe_core.entropy import EntropyScalars, SequenceStats, batch_scalars
+from probe_core.estimators import BilinearDots, UnitDots, UnitLayout
+from probe_core.gradients import GradientAccumulator
+from probe_core.rollouts import SamplingPlan
+from probe_core.spec import EntropySpec, ProbeSpec
+from probe_core.summaries import UPDATE, SummaryPlan
+
+# the E batch's sampling seed is offset from the U batch's, so that the two batches never
+# share a response when they share a prompt
+HELD_OUT_SEED_OFFSET = 1_000_003
+
+
+def held_out_plan(spec: ProbeSpec) -> SamplingPlan:
+    """What to sample for the E batch: G_E responses per held-out prompt."""
+    e = spec.entropy_batch
+    prompts = e.prompts[:e.num_prompts] if e.num_prompts else e.prompts
+    return SamplingPlan(prompts, spec.prompt_format, e.responses_per_prompt, spec.generation,
+                        spec.seed + HELD_OUT_SEED_OFFSET)
+
+
+class SingleResponsePlan(SummaryPlan):
+    """The E batch's rows with G_E = 1: combine keeps the unit's raw rows by name (ones ∇S,
+    baseline b∇S, length T∇S for token_mean, pathwise ∇F for full_vocabulary), because the
+    leave-one-out baseline over the other E sequences needs the whole batch."""
+
+    def combine(self, logprob_sums, pathwise_sums, stats, prompt_weight, bonus_sums=None
+                ) -> dict[str, torch.Tensor]:
+        rows = logprob_sums[0]                                                  # [K, P]
+        raw = {"ones": rows[0], "baseline": rows[1]}
+        if self.token_mean:
+            raw["length"] = rows[2]
+        if self.pathwise:
+            raw["pathwise"] = pathwise_sums[0]
+        return raw
+
+
+def held_out_summaries(spec: EntropySpec, num_sequences: int, group_size: int) -> SummaryPlan:
+    """The E batch's accumulator rows (its update weight is 0: it takes no part in the step)."""
+    direct = {UPDATE: torch.zeros(num_sequences, dtype=torch.float64)}
+    cls = SingleResponsePlan if group_size == 1 else SummaryPlan
+    return cls(spec, direct, group_size)
+
+
+def _single_response_x(rows: dict[str, torch.Tensor], b_total: float, t_total: float,
+                       n: int, scalars: EntropyScalars, plan: SummaryPlan) -> torch.Tensor:
+    """X of G_E = 1 units from their raw rows, with the leave-one-out baseline over the other
+    n − 1 E sequences. A unit is one sequence, so its baseline row is b_u·(its ones row) and
+    Σ_{v≠u} b_v·∇S_u = b_total·ones − baseline: X is linear in the rows with batch scalars
+    only, and this serves per-unit dots (rows [U, D]) and their sums over units (rows [D])."""
+    loo = (b_total * rows["ones"] - rows["baseline"]) / (n - 1)
+    x = -(rows["pathwise"] - loo) if plan.pathwise else rows["baseline"] - loo
+    length = None
+    if plan.token_mean:
+        length = rows["length"] - (t_total * rows["ones"] - rows["length"]) / (n - 1)
+    return scalars.entropy_vector(x, length)
+
+
+@dataclass
+class HeldOutDots:
+    """The E batch's gradient pass against the U step.
+
+    Fields: dots: UnitDots of the E units against Ȳ_U (x_ybar = X_u·WȲ_U; diag and xbar_y are
+    0: two_batch needs no same-unit term), [U_E] each; x_bar: X̄_E, float64 [P] host; stats: the
+    E sequences' statistics (host, batch order); forward_grad, backward: pass counts."""
+
+    dots: UnitDots
+    x_bar: torch.Tensor
+    stats: SequenceStats
+    forward_grad: int
+    backward: int
+
+
+def map_held_out_dots(acc: GradientAccumulator, layout: UnitLayout, plan: SummaryPlan,
+                      microbatch: int, step: AdamWStep, y_bar: torch.Tensor,
+                      on_chunk: Callable[[], None] | None = None) -> HeldOutDots:
+    """Per E unit: its rows on the device, dotted with the step's four vectors (W⊙Ȳ_U, D⊙Ȳ_U,
+    lr β1 D⊙m, lr wd θ), then dropped; the rows' unit sums are kept for X̄_E.
+
+    Args: y_bar: Ȳ of the U batch, float64 [P]."""
+    dev = acc.forcer.device
+    vectors = torch.stack([step.w_grad * y_bar, step.d * y_bar, step.w_momentum,
+                           step.w_decay]).to(dev, torch.float64).T               # [P, 4]
+    dots: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, torch.Tensor] = {}
+    stats, forward, backward = [], 0, 0
+    for u, chunks in enumerate(layout.chunks(microbatch)):
+        grad = acc.unit(chunks, plan, layout.prompt_weight[layout.prompts[u]], on_chunk)
+        forward, backward = forward + grad.forward_grad, backward + grad.backward
+        stats.append(grad.stats)
+        rows = grad.summary if isinstance(grad.summary, dict) else {
+            "entropy": grad.summary.entropy, "length": grad.summary.length}
+        for name, v in rows.items():
+            if v is None:
+                continue
+            dots.setdefault(name, []).append((v.double() @ vectors).cpu())        # [4]
+            sums[name] = sums[name] + v.double() if name in sums else v.double()
+    stats = SequenceStats.cat(stats).cpu()
+    scalars = batch_scalars(stats, plan.spec)
+    unit_rows = {name: torch.stack(d) for name, d in dots.items()}               # [U, 4]
+    sums = {name: v.cpu() for name, v in sums.items()}                          # [P]
+    if isinstance(plan, SingleResponsePlan):
+        n = stats.baseline.numel()
+        b_total, t_total = float(stats.baseline.double().sum()), float(stats.length.sum())
+        x = _single_response_x(unit_rows, b_total, t_total, n, scalars, plan)    # [U, 4]
+        x_bar = _single_response_x(sums, b_total, t_total, n, scalars, plan) / n
+    else:   # G_E ≥ 2: the rows already hold X^seq_u (and N_u), baselined within each prompt
+        x = scalars.entropy_vector(unit_rows["entropy"], unit_rows.get("length"))
+        x_bar = scalars.entropy_vector(sums["entropy"], sums.get("length")) / layout.num_units
+    zero = torch.zeros(layout.num_units, dtype=torch.float64)
+    return HeldOutDots(
+        dots=UnitDots(preconditioned=BilinearDots(diag=zero, x_ybar=x[:, 1], xbar_y=zero),
+                      step_weighted=BilinearDots(diag=zero, x_ybar=x[:, 0], xbar_y=zero),
+                      momentum=x[:, 2].contiguous(), decay=x[:, 3].contiguous()),
+        x_bar=x_bar, stats=stats, forward_grad=forward, backward=backward)
