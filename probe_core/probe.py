@@ -311,8 +311,11 @@ class _Probe:
         update = update_weights(self.spec.objective, self.spec.generation.max_new_tokens,
                                 rewards, batch.lengths)
         objective = self.spec.objective
-        summaries = SummaryPlan(self.spec.entropy,
-                                {UPDATE: update.c_y, REWARD: reward_weights(rewards)},
+        # two-batch mode measures the entropy on the E batch: the U batch needs Y (and Z, P),
+        # not its own X, so it skips the full-vocabulary backward
+        entropy = (dataclasses.replace(self.spec.entropy, estimator="sampled")
+                   if self.spec.entropy_batch else self.spec.entropy)
+        summaries = SummaryPlan(entropy, {UPDATE: update.c_y, REWARD: reward_weights(rewards)},
                                 batch.group_size, bonus=objective.needs_bonus_gradient)
         scale = bonus_scale(batch.lengths, batch.num_prompts)
         self._finish("teacher_forcing")
@@ -336,7 +339,7 @@ class _Probe:
         stats = reduce_stats([shard], plan.batch.num_sequences)
         self._finish("gradients")
         return _Measured(shard=shard, stats=stats,
-                         scalars=batch_scalars(stats, self.spec.entropy))
+                         scalars=batch_scalars(stats, plan.summaries.spec))
 
     def _count_gradient_passes(self, forward: int, backward: int) -> None:
         self.passes.forward_grad += forward

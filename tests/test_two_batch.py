@@ -236,6 +236,9 @@ def test_a_two_batch_request_maps_onto_a_valid_result(pool):
         c = row["curvature"]
         assert c["value"] == pytest.approx(row["delta_h"] - row["delta_h1"], abs=1e-12)
         assert c["se"] is not None and c["se"] >= 0
+    # the U batch (4×3) skips the full-vocabulary backward: its own X is not needed
+    assert body["passes"]["backward"] == 4 * 3 * 1 + 6 * 2 * 2
+    assert body["passes"]["forward_grad"] == 4 * 3 + 6 * 2
     text = summarize(result)
     assert "held-out E batch 6 prompts × 2" in text and "target held out" in text
 
