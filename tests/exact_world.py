@@ -10,6 +10,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from probe_core.tiny import TinyConfig
+
+# The 6-token world: {<eos>, a, b, c, d, e}, every response of ≤ 3 new tokens enumerable
+SIX_TOKEN_WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.3, seed=5)
+# 40 distinct prompts to draw batches from independently: every 1- and 2-letter string, then 10
+# of 3 letters (tests that need fewer take a prefix)
+PROMPT_POOL = ["".join(c) for k in (1, 2) for c in itertools.product("abcde", repeat=k)] + \
+    ["abc", "bad", "cab", "eed", "dea", "ace", "bed", "cde", "eba", "dab"]
+
 
 def load_policy(base: str, adapter: str | None):
     """A fresh fp32 policy (base + adapter), trainable adapter parameters, and the tokenizer."""

@@ -10,26 +10,23 @@ Each seed's δJ₁ is compared with the exact ∇J·Δθ along that seed's own s
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from exact_world import enumerated_gradients, load_policy
+from exact_world import (PROMPT_POOL, SIX_TOKEN_WORLD, enumerated_gradients, load_policy)
 from probe_core import rewards as rw
 from probe_core.adamw import AdamWState, adamw_step
 from probe_core.estimators import cross_unit_delta_h1, unit_dots
 from probe_core.estimators.base import contiguous_layout
 from probe_core.optimizer_state import map_state
-from probe_core.reward_side import (MIN_INFORMATIVE_UNITS, delta_j1, exchange_rate,
+from probe_core.reward_side import (delta_j1, exchange_rate,
                                     informative_units, reward_weights)
-from probe_core.tiny import TinyConfig, write_tiny_checkpoint
+from probe_core.tiny import write_tiny_checkpoint
 
-WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.3, seed=5)
-POOL = ["".join(p) for n in (1, 2) for p in itertools.product("abcde", repeat=n)] + \
-    ["abc", "bad", "cab", "eed", "dea", "ace", "bed", "cde", "eba", "dab"]
+WORLD, POOL = SIX_TOKEN_WORLD, PROMPT_POOL
 G, MAX_NEW, LR = 6, 3, 0.02
 SEEDS = 400
 

@@ -12,7 +12,6 @@ teacher forcing.
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -20,19 +19,17 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from exact_world import (all_responses, flat_grad, load_policy, response_moments,
-                         sampled_rollouts)
+from exact_world import (PROMPT_POOL, SIX_TOKEN_WORLD, all_responses, flat_grad, load_policy,
+                         response_moments, sampled_rollouts)
 from probe_core.entropy import logprob_objective, pathwise_objective
 from probe_core.probe import run_probe
 from probe_core.rollouts import assemble
 from probe_core.spec import (CheckpointSpec, EntropySpec, GenerationSpec, ProbeSpec,
                              RealizedSpec)
 from probe_core.teacher_forcing import TeacherForcer
-from probe_core.tiny import TinyConfig, write_tiny_checkpoint
+from probe_core.tiny import write_tiny_checkpoint
 
-WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.3, seed=5)
-POOL = ["".join(p) for k in (1, 2) for p in itertools.product("abcde", repeat=k)] + ["abc",
-                                                                                      "bad"]
+WORLD, POOL = SIX_TOKEN_WORLD, PROMPT_POOL[:32]
 B, G, MAX_NEW, VOCAB = 480, 6, 3, 6
 MULTIPLIERS = [1.0, 0.1]
 LR = 0.02

@@ -5,21 +5,18 @@ the jackknife SE matches the spread (issue 13). The figures are printed for the 
 
 from __future__ import annotations
 
-import itertools
 import random
 import statistics
 
 import pytest
 
-from exact_world import load_policy, sampled_rollouts
+from exact_world import (PROMPT_POOL, SIX_TOKEN_WORLD, load_policy, sampled_rollouts)
 from probe_core.checkpoint import ModelCache
 from probe_core.probe import run_probe
 from probe_core.spec import CheckpointSpec, EntropySpec, GenerationSpec, ProbeSpec, RealizedSpec
-from probe_core.tiny import TinyConfig, write_tiny_checkpoint
+from probe_core.tiny import write_tiny_checkpoint
 
-WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.3, seed=5)
-POOL = ["".join(p) for k in (1, 2) for p in itertools.product("abcde", repeat=k)] + ["abc",
-                                                                                      "bad"]
+WORLD, POOL = SIX_TOKEN_WORLD, PROMPT_POOL[:32]
 SEEDS, B, G, MAX_NEW = 60, 16, 4, 3
 KINDS = [EntropySpec(n, e) for n in ("token_mean", "sequence")
          for e in ("full_vocabulary", "sampled")]

@@ -4,11 +4,9 @@ jackknife SE is calibrated against the spread of estimates over seeds."""
 from __future__ import annotations
 
 import json
-import math
 import statistics
 
 import pytest
-import torch
 
 from exact_world import load_policy, sampled_rollouts
 from probe_core.checkpoint import ModelCache

@@ -12,7 +12,7 @@ import torch
 from exact_world import flat_grad, load_policy, sequence_logprob
 from probe_core.probe import run_probe
 from probe_core.spec import (CheckpointSpec, ClientRollout, EntropySpec, EstimatorSpec,
-                             GenerationSpec, ProbeSpec, RealizedSpec, RuntimeOptions)
+                             GenerationSpec, ProbeSpec, RealizedSpec)
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
 
 FIRST_ROUND = EntropySpec(normalization="sequence", estimator="sampled")

@@ -13,16 +13,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from exact_world import (exact_entropy, exact_reward, flat_grad, load_policy,
+from exact_world import (SIX_TOKEN_WORLD, exact_entropy, exact_reward, flat_grad, load_policy,
                          sampled_rollouts, value_at)
 from probe_core.probe import run_probe
 from probe_core.spec import (CheckpointSpec, EntropySpec, GenerationSpec, ProbeSpec,
                              RealizedSpec)
-from probe_core.tiny import TinyConfig, write_tiny_checkpoint
+from probe_core.tiny import write_tiny_checkpoint
 
 FIRST_ROUND = EntropySpec(normalization="sequence", estimator="sampled")
 
-WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.3, seed=5)
+WORLD = SIX_TOKEN_WORLD
 DISTINCT = ["ab", "cd", "e", "bad"]
 COPIES = 48            # B = 192 prompts
 G, MAX_NEW = 6, 3

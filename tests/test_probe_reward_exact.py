@@ -9,7 +9,6 @@ scale_rewards="batch", and must land within 4 SE of the exact values.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -17,16 +16,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from exact_world import (exact_entropy, exact_reward, flat_grad, load_policy, sampled_rollouts,
-                         token_terms, value_at)
+from exact_world import (PROMPT_POOL, SIX_TOKEN_WORLD, exact_entropy, exact_reward, flat_grad,
+                         load_policy, sampled_rollouts, token_terms, value_at)
 from probe_core.probe import run_probe
 from probe_core.spec import (CheckpointSpec, EntropySpec, GenerationSpec, ObjectiveSpec,
                              ProbeSpec, RealizedSpec)
-from probe_core.tiny import TinyConfig, write_tiny_checkpoint
+from probe_core.tiny import write_tiny_checkpoint
 
-WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.3, seed=5)
-POOL = ["".join(p) for n in (1, 2) for p in itertools.product("abcde", repeat=n)] + \
-    ["abc", "bad", "cab", "eed", "dea", "ace", "bed", "cde", "eba", "dab"]
+WORLD, POOL = SIX_TOKEN_WORLD, PROMPT_POOL
 B, G, MAX_NEW = 160, 6, 3
 LR = 0.02
 MULTIPLIERS = [1.0, 0.3, 0.0]

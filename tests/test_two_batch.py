@@ -11,7 +11,6 @@ batch's own responses lies above the exact change on fresh prompts, two-batch do
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -19,17 +18,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from exact_world import (all_responses, flat_grad, load_policy, response_moments,
-                         sampled_rollouts, set_flat)
+from exact_world import (PROMPT_POOL, SIX_TOKEN_WORLD, all_responses, flat_grad, load_policy,
+                         response_moments, sampled_rollouts, set_flat)
 from probe_core.checkpoint import ModelCache
 from probe_core.probe import run_probe
 from probe_core.spec import (CheckpointSpec, EntropyBatchSpec, EntropySpec, GenerationSpec,
                              ProbeSpec, RealizedSpec)
-from probe_core.tiny import TinyConfig, write_tiny_checkpoint
+from probe_core.tiny import write_tiny_checkpoint
 
-WORLD = TinyConfig(alphabet="abcde", pad_equals_eos=True, init_std=0.3, seed=5)
-POOL = ["".join(c) for k in (1, 2) for c in itertools.product("abcde", repeat=k)] + \
-    ["abc", "bad", "cab", "dec", "eda", "ace", "bed", "cde", "dab", "eab"]     # 40 distinct
+WORLD, POOL = SIX_TOKEN_WORLD, PROMPT_POOL
 G_U, MAX_NEW = 6, 3
 B_U = 8
 E_SEQUENCES = 64          # B_E·G_E, the same for every G_E
