@@ -208,6 +208,13 @@ def test_callback_logs_probe_results(run):
         assert 0.0 < e["entropy_probe/ess_fraction"] <= 1.0
         assert 0.0 < e["entropy_probe/entropy"] <= math.log(len(build_tokenizer(TinyConfig())))
     by_step = {int(e["entropy_probe/checkpoint_step"]): e for e in logged}
+    trl_entropy = {int(e["step"]): e["entropy"] for e in trainer.state.log_history
+                   if "entropy" in e and "step" in e}
+    # TRL's step k+1 logs the entropy of rollouts from checkpoint-k's policy
+    print("\n[measured] checkpoint k: TRL `entropy` at step k+1 | entropy_probe/entropy of "
+          "checkpoint-k: " + ", ".join(
+              f"{k}: {trl_entropy.get(k + 1, float('nan')):.3f} | "
+              f"{by_step[k]['entropy_probe/entropy']:.3f}" for k in sorted(by_step)))
     assert by_step[MAX_STEPS]["entropy_probe/delta_h1"] == 0.0       # lr 0 at the end
     assert by_step[1]["entropy_probe/delta_h1"] != 0.0
     assert by_step[MAX_STEPS]["entropy_probe/delta_j1"] == 0.0
