@@ -36,19 +36,27 @@ from bench.common import QwenShape, probe_spec, qwen_checkpoint
 from bench.cost import probe, training_step
 from probe_core.checkpoint import ModelCache
 from probe_core.probe import resolve_device, run_probe
-from probe_core.spec import ProbeSpec, RuntimeOptions
-
-# name → how its spec is made from the (token-mean) spec of a batch. The hook for more modes:
-# two-batch (issue 14) adds an entry that sets the spec's entropy batch.
-MODES: dict[str, Callable[[ProbeSpec], ProbeSpec]] = {
-    "sampled": lambda spec: _with_estimator(spec, "sampled"),
-    "full_vocabulary": lambda spec: _with_estimator(spec, "full_vocabulary"),
-}
-
+from probe_core.spec import EntropyBatchSpec, ProbeSpec, RuntimeOptions
 
 def _with_estimator(spec: ProbeSpec, estimator: str) -> ProbeSpec:
     spec.entropy.estimator = estimator
     return spec
+
+
+def _two_batch(spec: ProbeSpec) -> ProbeSpec:
+    """Held-out E prompts (as many as the U batch has, one response each) under the U step."""
+    spec.entropy_batch = EntropyBatchSpec(
+        prompts=[f"held out {k} {r.prompt}" for k, r in enumerate(spec.rollouts)],
+        responses_per_prompt=1)
+    return spec
+
+
+# name → how its spec is made from the (token-mean, full-vocabulary) spec of a batch
+MODES: dict[str, Callable[[ProbeSpec], ProbeSpec]] = {
+    "sampled": lambda spec: _with_estimator(spec, "sampled"),
+    "full_vocabulary": lambda spec: _with_estimator(spec, "full_vocabulary"),
+    "two_batch": _two_batch,
+}
 
 
 @dataclass
