@@ -117,7 +117,9 @@ def map_held_out_dots(acc: GradientAccumulator, layout: UnitLayout, plan: Summar
             if v is None:
                 continue
             dots.setdefault(name, []).append((v.double() @ vectors).cpu())        # [4]
-            sums[name] = sums[name] + v.double() if name in sums else v.double()
+            if name not in sums:
+                sums[name] = torch.zeros_like(v, dtype=torch.float64)
+            sums[name].add_(v)                                        # in place: no [P] per unit
     stats = SequenceStats.cat(stats).cpu()
     scalars = batch_scalars(stats, plan.spec)
     unit_rows = {name: torch.stack(d) for name, d in dots.items()}               # [U, 4]

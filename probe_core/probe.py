@@ -215,11 +215,8 @@ class _Probe:
 
     def _run_loaded(self, ck: LoadedCheckpoint) -> ProbeOutcome:
         batch, rewards = self._rollouts(ck)
-        forcer = TeacherForcer(ck.model, batch, self.spec.generation.temperature, self.device,
-                               self._autocast_dtype())
         plan = self._plan(batch, rewards)
-        acc = GradientAccumulator(forcer, ck.model, FlatParams.of([p for _, p in ck.params]),
-                                  self.opts.grad_method)
+        forcer, acc = self._gradient_pass_for(ck, batch)
         measured = self._gradients(acc, plan)
         result = self._step(ck, acc, plan, measured)
         # where the entropy and its change are measured: the batch itself, or the E batch
@@ -254,11 +251,8 @@ class _Probe:
                                              torch.zeros(batch.num_prompts, batch.group_size,
                                                          dtype=torch.float64), batch.lengths),
                        summaries=summaries)
-        forcer = TeacherForcer(ck.model, batch, self.spec.generation.temperature, self.device,
-                               self._autocast_dtype())
+        forcer, acc = self._gradient_pass_for(ck, batch)
         self._enter("gradients")
-        acc = GradientAccumulator(forcer, ck.model, FlatParams.of([p for _, p in ck.params]),
-                                  self.opts.grad_method)
         mb = self.spec.microbatch_size
         e = map_held_out_dots(acc, layout, summaries, mb, result.step, result.means.y_bar,
                               on_chunk=self._counter(sum(map(len, layout.chunks(mb)))))
@@ -276,6 +270,15 @@ class _Probe:
         self._finish("gradients")
         return e_plan, e.stats, forcer, dataclasses.replace(result, estimate=estimate,
                                                             reward=reward)
+
+    def _gradient_pass_for(self, ck: LoadedCheckpoint, batch: Batch
+                           ) -> tuple[TeacherForcer, GradientAccumulator]:
+        """The teacher forcer of a batch and the gradient accumulator over it."""
+        forcer = TeacherForcer(ck.model, batch, self.spec.generation.temperature, self.device,
+                               self._autocast_dtype())
+        return forcer, GradientAccumulator(forcer, ck.model,
+                                           FlatParams.of([p for _, p in ck.params]),
+                                           self.opts.grad_method)
 
     def _u_spread(self, u_measured: _Measured, x_bar_e: torch.Tensor, result: _StepResult
                   ) -> torch.Tensor | None:
