@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from probe_core.adamw import AdamWState, AdamWStep, adamw_step
+from probe_core.collective import SOLO, Collective
 from probe_core.checkpoint import LoadedCheckpoint, ModelCache, open_checkpoint
 from probe_core.entropy import EntropyScalars, SequenceStats, batch_scalars
 from probe_core.errors import (CheckpointInvalid, DeadlineExceeded, DegenerateBatch,
@@ -90,10 +91,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_probe(spec: ProbeSpec, options: RuntimeOptions | None = None,
-              cache: ModelCache | None = None, hooks: ProbeHooks | None = None) -> ProbeOutcome:
-    """Run one probe. Raises ProbeError subclasses for anything the user can fix."""
+              cache: ModelCache | None = None, hooks: ProbeHooks | None = None,
+              collective: Collective | None = None) -> ProbeOutcome:
+    """Run one probe, or one shard of it (`collective`: this rank's view of a job over several
+    workers; probe_core/collective.py). Raises ProbeError subclasses for anything the user can
+    fix."""
     return _Probe(spec, options or RuntimeOptions(), cache or ModelCache(),
-                  hooks or ProbeHooks()).run()
+                  hooks or ProbeHooks(), collective or SOLO).run()
 
 
 @dataclass
@@ -136,8 +140,9 @@ class _StepResult:
 
 class _Probe:
     def __init__(self, spec: ProbeSpec, opts: RuntimeOptions, cache: ModelCache,
-                 hooks: ProbeHooks):
+                 hooks: ProbeHooks, comm: Collective):
         self.spec, self.opts, self.cache, self.hooks = spec, opts, cache, hooks
+        self.comm = comm
         self.device = resolve_device(opts.device)
         self.estimator: Estimator = estimator_for(
             EstimatorSpec(mode="two_batch") if spec.entropy_batch else spec.estimator)
