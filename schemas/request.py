@@ -14,6 +14,7 @@ MAX_ABS_REWARD = 1e6
 MAX_TIMEOUT_S = 30 * 86400   # 30 days: beyond this a deadline is a typo, not a plan
 MAX_ENTROPY_COEF = 1e3
 MIN_TEMPERATURE = 1e-3       # logits / τ must stay finite in float32 and bfloat16
+MAX_WORKERS = 64             # per job; the server's pool size is the real bound (a 422)
 
 
 class _Strict(BaseModel):
@@ -232,6 +233,12 @@ class ProbeRequest(_Strict):
         "starts the job (queue time does not count); past it the job stops at the next chunk "
         "boundary and fails with deadline_exceeded. Default and ceiling: the server's "
         "ENTROPY_PROBE_MAX_JOB_SECONDS (unset: no deadline).")
+
+    workers: int = Field(
+        1, ge=1, le=MAX_WORKERS, description="Shard the job's units over this many workers of "
+        "the server's pool (at most its size, else a 422). Responses and numbers do not depend "
+        "on it (float tolerance). The job waits until that many workers are idle, and jobs "
+        "queued after it wait behind it. `entropy-probe run` (one process) ignores it.")
 
     @model_validator(mode="before")
     @classmethod

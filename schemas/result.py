@@ -178,11 +178,12 @@ class Memory(_Out):
 
 
 class Environment(_Out):
-    device: str
+    device: str = Field(description="Rank 0's device when several workers ran the job.")
     torch: str
     transformers: str
     peft: str
     entropy_probe: str
+    workers: int = Field(1, description="How many workers ran the job (request `workers`).")
 
 
 class EntropyKind(_Out):

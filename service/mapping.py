@@ -176,10 +176,12 @@ def _checkpoint(ck: core.CheckpointSpec | None) -> dict:
             "checkpoint_step": trainer_step(ck.adapter or ck.base_model)}
 
 
-def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None) -> ProbeResult:
+def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None,
+              workers: int = 1) -> ProbeResult:
     """ProbeOutcome → ProbeResult (validated by pydantic on construction; run_probe has
     already refused a δH₁ that is not a number, probe_core.probe.check_finite).
-    `checkpoint` (the spec's) fills result.checkpoint and result.checkpoint_step."""
+    `checkpoint` (the spec's) fills result.checkpoint and result.checkpoint_step; `workers`
+    (how many shards ran the job) fills result.environment.workers."""
     d, u = out.delta_h1, out.delta_h1.u_statistic
     mem = out.memory
     return ProbeResult(
@@ -222,7 +224,8 @@ def to_result(out: ProbeOutcome, checkpoint: core.CheckpointSpec | None = None) 
         environment=wire.Environment(device=out.device, torch=_version("torch"),
                                      transformers=_version("transformers"),
                                      peft=_version("peft"),
-                                     entropy_probe=_version("entropy-probe")),
+                                     entropy_probe=_version("entropy-probe"),
+                                     workers=workers),
         updated_adapter=out.updated_adapter,
         warnings=out.warnings, per_prompt=_per_prompt(out), **_checkpoint(checkpoint))
 

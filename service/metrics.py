@@ -70,10 +70,13 @@ class Metrics:
     def job_ended(self, index: int, device: str, status: JobStatus, seconds: float) -> None:
         self.duration.labels(**labels(index, device), status=status.value).observe(seconds)
 
-    def job_memory(self, index: int, device: str, host_rss: int, device_bytes: int | None,
-                   base_reused: bool) -> None:
+    def base_used(self, index: int, device: str, reused: bool) -> None:
+        """A job (or a shard of one) on this worker loaded its base model, or reused it."""
+        (self.base_reuses if reused else self.base_loads).labels(**labels(index, device)).inc()
+
+    def job_memory(self, index: int, device: str, host_rss: int, device_bytes: int | None
+                   ) -> None:
         lab = labels(index, device)
-        (self.base_reuses if base_reused else self.base_loads).labels(**lab).inc()
         self.last_host_rss.labels(**lab).set(host_rss)
         self._raise(self.peak_host_rss, index, device, host_rss)
         if device_bytes is not None:

@@ -23,7 +23,7 @@ MAX_MESSAGES_PER_POLL = 256
 
 
 class WorkerHandle(Protocol):
-    def send(self, msg: w.Job | w.ShardStep | None) -> None: ...
+    def send(self, msg: w.Job | w.Exchanged | w.Abort | None) -> None: ...
     def poll(self) -> list:
         """The worker's messages so far, without waiting; raises OSError or EOFError when the
         channel broke (the worker died)."""

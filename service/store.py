@@ -24,7 +24,7 @@ import logging
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -251,12 +251,15 @@ class JobStore:
                         idempotency_key, job.checkpoint.model_dump_json()))
             return job, True
 
-    def take_next(self) -> tuple[str, str] | None:
-        """Mark the oldest queued job running. Returns (id, request JSON)."""
+    def take_next(self, fits: Callable[[str, str], bool] | None = None
+                  ) -> tuple[str, str] | None:
+        """Mark the oldest queued job running. Returns (id, request JSON). With `fits`
+        (id, request JSON) → bool, the oldest job is taken only when it fits (None otherwise:
+        it stays first in line)."""
         with self._transaction() as db:
             row = db.execute("SELECT id, request FROM jobs WHERE status = 'queued' "
                              "ORDER BY seq LIMIT 1").fetchone()
-            if row is None:
+            if row is None or (fits is not None and not fits(row[0], row[1])):
                 return None
             db.execute("UPDATE jobs SET status = 'running', started_at = ?, progress = ? "
                        "WHERE id = ?", (now().isoformat(),

@@ -2,9 +2,14 @@
 job at a time. It never dies on a job's failure: a ProbeError (OOM included) or an unexpected
 exception is reported and the worker takes the next job.
 
-Protocol (picklable dataclasses over multiprocessing queues):
-  server → worker   Job | None (stop)
-  worker → server   Ready, JobProgress, JobDone, JobFailed
+Protocol (picklable dataclasses over multiprocessing queues, or a Ray actor's send/poll):
+  server → worker   Job | None (stop); during a sharded job also Exchanged, Abort
+  worker → server   Ready, JobProgress, JobDone, JobFailed; during a sharded job also Exchange
+A job over k workers (request `workers: k`) is k Jobs, one per rank, that run the same run_probe
+(SPMD, probe_core/collective.py). Each shard's exchanges go to the server as Exchange messages;
+the server answers each with Exchanged once all k ranks made it (service/shard.py). Rank 0's
+JobDone carries the result; the others send an empty one. Abort (another shard failed, or the
+job was cancelled) makes a waiting shard fail at once so the worker takes the next job.
 Cancel: the server writes the running job's id into a shared byte array; the worker polls it at
 every chunk boundary (ProbeHooks.should_cancel). Deadline: Job.deadline_s, counted from when the
 worker takes the job, checked at the same boundaries (ProbeHooks.deadline).
@@ -48,6 +53,36 @@ class Job:
     id: str
     request_json: str
     deadline_s: float | None = None         # seconds from when the worker takes the job
+    rank: int = 0                           # this shard of a job over `size` workers
+    size: int = 1
+
+
+@dataclass
+class Exchange:
+    """worker → server: shard `rank` makes its `seq`-th exchange (1, 2, …) of job `job_id`."""
+
+    job_id: str
+    rank: int
+    seq: int
+    op: str                                 # probe_core.collective.Op: gather | sum
+    value: object                           # picklable; tensors for `sum`
+
+
+@dataclass
+class Exchanged:
+    """server → worker: the answer of exchange `seq` (the same on every rank)."""
+
+    job_id: str
+    seq: int
+    value: object
+
+
+@dataclass
+class Abort:
+    """server → worker: stop shard `job_id` now (another shard failed or died)."""
+
+    job_id: str
+    reason: str
 
 
 @dataclass
@@ -136,7 +171,9 @@ def main(cfg: WorkerConfig, jobs, events, cancel_id, wrap_hooks: HooksWrapper | 
             continue
         if job is None:
             return
-        outcome = _run(job, cfg, cache, events, cancel_id, parent, wrap_hooks)
+        if not isinstance(job, Job):        # a late Exchanged/Abort of a shard that ended
+            continue
+        outcome = _run(job, cfg, cache, events, cancel_id, parent, wrap_hooks, jobs)
         outcome.base_model = cache.key[0] if cache.key else None
         events.put(outcome)
         gc.collect()
@@ -146,7 +183,7 @@ def main(cfg: WorkerConfig, jobs, events, cancel_id, wrap_hooks: HooksWrapper | 
 
 
 def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
-         wrap_hooks: HooksWrapper | None):
+         wrap_hooks: HooksWrapper | None, jobs=None):
     from probe_core.errors import DeadlineExceeded, ProbeError
     from probe_core.probe import ProbeHooks, run_probe
     from schemas import ProbeRequest
@@ -174,8 +211,14 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
         hooks = ProbeHooks(progress, should_cancel, deadline)
         if wrap_hooks is not None:
             hooks = wrap_hooks(hooks, req)
-        outcome = run_probe(spec, opts, cache, hooks)
-        result = to_result(outcome, spec.checkpoint)
+        collective = None
+        if job.size > 1:
+            from service.shard import QueueCollective
+            collective = QueueCollective(job, jobs, events, cancel_id, parent, deadline)
+        outcome = run_probe(spec, opts, cache, hooks, collective)
+        if job.rank > 0:                    # rank 0's outcome is the job's result
+            return JobDone(job.id, "", outcome.base_reused)
+        result = to_result(outcome, spec.checkpoint, workers=job.size)
         return JobDone(job.id, result.model_dump_json(), outcome.base_reused)
     except ProbeError as exc:
         message = (deadline_message(job.deadline_s, exc.phase)

@@ -136,6 +136,15 @@ def slow_request(ck: tuple[str, str]) -> dict:
             "realized": {"lr_multipliers": [1.0, 0.5, 2.0]}}
 
 
+def medium_request(ck: tuple[str, str], seed: int = 0) -> dict:
+    """Sampled rollouts, 64 sequences of up to 12 tokens: a few seconds on one thread."""
+    base, adapter = ck
+    prompts = [f"{a}+{b}=" for a in range(4) for b in range(2)]
+    return {"checkpoint": {"base_model": base, "adapter": adapter}, "prompts": prompts,
+            "answers": [str(eval(p[:-1])) for p in prompts], "responses_per_prompt": 8,
+            "generation": {"max_new_tokens": 12}, "seed": seed}
+
+
 def prompts_request(ck: tuple[str, str], seed: int = 0, **extra) -> dict:
     """A small sampled job: 2 prompts x 2 responses of at most 2 tokens."""
     base, adapter = ck
@@ -147,6 +156,37 @@ def prompts_request(ck: tuple[str, str], seed: int = 0, **extra) -> dict:
 def rollouts(*groups: tuple[list, list]) -> list[dict]:
     """Client rollouts, one (responses, rewards) pair per prompt."""
     return [{"prompt": f"{i}+1=", "responses": r, "rewards": w} for i, (r, w) in enumerate(groups)]
+
+
+# -- a pool of two CPU workers ----------------------------------------------------------------
+
+def pool_server(tmp: Path, roots: str, backend: str, **env: str) -> Server:
+    """A server with two CPU workers, one thread each: processes (local) or actors on a local
+    Ray the server starts (ray); returned once both are ready."""
+    server = Server(tmp, tmp / "state", roots, devices="cpu,cpu", cpu_threads="1",
+                    backend=backend, **env)
+    try:
+        server.wait_workers(2)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def submit(server: Server, body: dict) -> str:
+    r = server.http.post("/probes", json=body)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def finished(server: Server, job_id: str) -> ProbeJob:
+    return poll(server, job_id, lambda j: j.status.finished, JOB_TIMEOUT_S)
+
+
+def readyz_workers(server: Server) -> list[dict]:
+    r = server.http.get("/readyz")
+    assert r.status_code == 200, r.text
+    return r.json()["workers"]
 
 
 # -- polling ----------------------------------------------------------------------------------

@@ -16,11 +16,11 @@ import signal
 
 import pytest
 
-from helpers import (JOB_TIMEOUT_S, Server, metric, poll, quick_request, slow_request,
-                     wait_running)
+from helpers import (finished, medium_request, metric, pool_server, quick_request,
+                     readyz_workers, slow_request, submit, wait_running)
 from probe_core.checkpoint import ModelCache
 from probe_core.tiny import TinyConfig, write_tiny_checkpoint
-from schemas import ErrorCode, JobStatus, ProbeJob
+from schemas import ErrorCode, JobStatus
 from service.pool import pin, worker_devices
 
 pytestmark = pytest.mark.timeout(300)
@@ -38,41 +38,14 @@ def pool(request, tmp_path_factory, tiny_checkpoint, second_checkpoint):
     one Ray for the module's tests)."""
     if request.param == "ray":
         pytest.importorskip("ray", reason="the 'ray' extra is not installed")
-    tmp = tmp_path_factory.mktemp(f"pool-{request.param}")
     roots = os.pathsep.join(os.path.dirname(ck[0]) for ck in (tiny_checkpoint,
                                                                second_checkpoint))
-    server = Server(tmp, tmp / "state", roots, devices="cpu,cpu", cpu_threads="1",
-                    backend=request.param)
+    server = pool_server(tmp_path_factory.mktemp(f"pool-{request.param}"), roots,
+                         request.param)
     try:
-        server.wait_workers(2)
         yield server
     finally:
         server.stop()
-
-
-def medium_request(ck: tuple[str, str], seed: int = 0) -> dict:
-    """Sampled rollouts, 64 sequences of up to 12 tokens: a few seconds on one thread."""
-    base, adapter = ck
-    prompts = [f"{a}+{b}=" for a in range(4) for b in range(2)]
-    return {"checkpoint": {"base_model": base, "adapter": adapter}, "prompts": prompts,
-            "answers": [str(eval(p[:-1])) for p in prompts], "responses_per_prompt": 8,
-            "generation": {"max_new_tokens": 12}, "seed": seed}
-
-
-def submit(server: Server, body: dict) -> str:
-    r = server.http.post("/probes", json=body)
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
-
-
-def finished(server: Server, job_id: str) -> ProbeJob:
-    return poll(server, job_id, lambda j: j.status.finished, JOB_TIMEOUT_S)
-
-
-def workers(server: Server) -> list[dict]:
-    r = server.http.get("/readyz")
-    assert r.status_code == 200, r.text
-    return r.json()["workers"]
 
 
 def test_devices_setting():
@@ -89,7 +62,7 @@ def test_devices_setting():
 
 
 def test_readyz_lists_every_worker(pool):
-    listed = workers(pool)
+    listed = readyz_workers(pool)
     assert [w["device"] for w in listed] == ["cpu", "cpu"]
     assert len({w["pid"] for w in listed}) == 2
     assert {w["state"] for w in listed} <= {"idle", "busy"}
@@ -110,7 +83,7 @@ def test_a_job_goes_to_the_worker_holding_its_base(pool, tiny_checkpoint, second
     ids = [submit(pool, medium_request(ck, seed=3)) for ck in (tiny_checkpoint,
                                                                second_checkpoint)]
     assert all(finished(pool, i).status == JobStatus.succeeded for i in ids)
-    held = {os.path.realpath(w["base_model"]): w["pid"] for w in workers(pool)}
+    held = {os.path.realpath(w["base_model"]): w["pid"] for w in readyz_workers(pool)}
     assert set(held) == {os.path.realpath(ck[0]) for ck in (tiny_checkpoint,
                                                             second_checkpoint)}
     loads = metric(pool, "entropy_probe_base_model_loads_total")
@@ -121,16 +94,16 @@ def test_a_job_goes_to_the_worker_holding_its_base(pool, tiny_checkpoint, second
     # each went to the worker holding its base: no load (worker 0, idle too, holds the other)
     assert metric(pool, "entropy_probe_base_model_loads_total") == loads
     assert metric(pool, "entropy_probe_base_model_reuses_total") == reuses + 3
-    assert {os.path.realpath(w["base_model"]): w["pid"] for w in workers(pool)} == held
+    assert {os.path.realpath(w["base_model"]): w["pid"] for w in readyz_workers(pool)} == held
 
 
 def test_a_killed_worker_fails_its_job_by_name_and_the_other_goes_on(pool, tiny_checkpoint):
-    before = {w["pid"] for w in workers(pool)}
+    before = {w["pid"] for w in readyz_workers(pool)}
     ids = [submit(pool, medium_request(tiny_checkpoint, seed=s)) for s in (5, 6)]
     for i in ids:
         wait_running(pool, i)
-    victim = next(w for w in workers(pool) if w["state"] == "busy")
-    index = [w["pid"] for w in workers(pool)].index(victim["pid"])
+    victim = next(w for w in readyz_workers(pool) if w["state"] == "busy")
+    index = [w["pid"] for w in readyz_workers(pool)].index(victim["pid"])
     os.kill(victim["pid"], signal.SIGKILL)
     jobs = [finished(pool, i) for i in ids]
     crashed = [j for j in jobs if j.status == JobStatus.failed]

@@ -39,9 +39,16 @@ def _not_found(job_id: str) -> HTTPException:
              responses={**_400, **_409, **_SUBMIT})
 def submit(req: ProbeRequest, response: Response, store: JobStore = Depends(get_store),
            settings: Settings = Depends(get_settings),
+           supervisor: Supervisor = Depends(get_supervisor),
            idempotency_key: str | None = Header(None, max_length=255)) -> ProbeJob:
     """Queue a probe job. A repeat with the same Idempotency-Key returns the first job."""
-    if errors := path_errors(req, settings.roots):
+    errors = path_errors(req, settings.roots)
+    if req.workers > supervisor.pool_size:
+        errors.append({"type": "too_many_workers", "loc": ["body", "workers"],
+                       "input": req.workers, "msg": f"workers={req.workers} but the server's "
+                       f"pool holds {supervisor.pool_size} workers (ENTROPY_PROBE_DEVICES); "
+                       f"ask for at most {supervisor.pool_size}"})
+    if errors:
         if settings.backend == "ray":           # the workers may run on other hosts
             from service.ray_backend import SHARED_STORAGE_HINT
             for e in errors:

@@ -1,0 +1,93 @@
+"""A job over several workers (request `workers: k`): both ends of its shards' exchanges.
+
+Worker side, QueueCollective: a shard's probe_core Collective. `exchange` sends an Exchange to
+the server on the worker's events channel and waits on its jobs channel for the matching
+Exchanged, while checking what a chunk boundary checks (the cancel flag, the deadline, that the
+server is alive), so a shard blocked on a slow or dead peer still stops.
+
+Server side, Hub: the pending exchanges of one run. When all k ranks sent exchange `seq`, it
+combines them (probe_core.collective.combine: a gather or an element-wise sum, in rank order) and
+the supervisor sends the same answer to every shard. The hub never needs the model or the
+optimizer state: every shard computes D, Δθ and the estimates itself from the same sums.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from dataclasses import dataclass, field
+
+from probe_core.collective import Op, combine
+from probe_core.errors import DeadlineExceeded, ProbeCancelled, ProbeError
+from service import worker as w
+
+WAIT_POLL_S = 0.1           # how often a waiting shard checks cancel, deadline and its parent
+
+
+class ShardAborted(ProbeError):
+    """Another shard of the job failed or died (or the job was cancelled): this one stops.
+    Its report is never the job's error: the server recorded the first failure already."""
+
+
+class QueueCollective:
+    """Rank `job.rank` of `job.size`, talking to the server through the worker's channels."""
+
+    def __init__(self, job: w.Job, jobs, events, cancel_id, parent: int,
+                 deadline: float | None):
+        self.rank, self.size = job.rank, job.size
+        self.job_id = job.id
+        self._jobs, self._events, self._cancel_id = jobs, events, cancel_id
+        self._parent, self._deadline = parent, deadline
+        self._seq = 0
+
+    def exchange(self, op: Op, value):
+        self._seq += 1
+        self._events.put(w.Exchange(self.job_id, self.rank, self._seq, op, value))
+        while True:
+            self._check()
+            try:
+                msg = self._jobs.get(timeout=WAIT_POLL_S)
+            except queue.Empty:
+                continue
+            if msg is None:                 # the server stops: leave the stop for the loop
+                self._jobs.put(None)
+                raise ProbeCancelled("the server is shutting down")
+            if getattr(msg, "job_id", None) != self.job_id:
+                continue                    # a late message of an earlier job
+            if isinstance(msg, w.Abort):
+                raise ShardAborted(f"stopped: {msg.reason}")
+            if isinstance(msg, w.Exchanged) and msg.seq == self._seq:
+                return msg.value
+
+    def _check(self) -> None:
+        if os.getppid() != self._parent:    # the server died: nobody wants the result
+            raise SystemExit(0)
+        if self._cancel_id.value == self.job_id.encode():
+            raise ProbeCancelled("the job was cancelled")
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise DeadlineExceeded("the job ran past its deadline")
+
+
+class ExchangeMismatch(Exception):
+    """The shards of one exchange disagree (op, or a rank sent twice): a bug, not the user's."""
+
+
+@dataclass
+class Hub:
+    """The exchanges of one run in flight, keyed by their sequence number."""
+
+    size: int
+    pending: dict[int, tuple[str, dict[int, object]]] = field(default_factory=dict)
+
+    def add(self, msg: w.Exchange) -> tuple[bool, object]:
+        """Record rank msg.rank's value; (True, the answer) once every rank sent this seq."""
+        op, values = self.pending.setdefault(msg.seq, (msg.op, {}))
+        if op != msg.op or msg.rank in values or not 0 <= msg.rank < self.size:
+            raise ExchangeMismatch(f"exchange {msg.seq}: rank {msg.rank} sent {msg.op!r} "
+                                   f"(expected {op!r}, ranks so far {sorted(values)})")
+        values[msg.rank] = msg.value
+        if len(values) < self.size:
+            return False, None
+        del self.pending[msg.seq]
+        return True, combine(op, [values[r] for r in range(self.size)])

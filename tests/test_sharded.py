@@ -1,0 +1,294 @@
+"""One job over several workers (request `workers: k`), on a real server with two real CPU workers
+(processes, then Ray actors), and both ends of the shards' exchanges (service/shard.py) alone.
+
+- a `workers: 2` job equals the `workers: 1` job: client rollouts, every number of the result
+  within rel 1e-5 (same_numbers says which fields are skipped and why); sampled prompts, the
+  same responses (identical batch summary) and the same numbers;
+- `workers: 3` on a pool of 2 is a 422 naming the pool size;
+- SIGKILL of one shard's worker fails the job with worker_crashed naming it, the other shard
+  stops, and the next job succeeds;
+- cancel reaches every shard: the job is cancelled and both workers are idle again;
+- a deadline reaches every shard: deadline_exceeded, stopped by themselves; shards that reach
+  no chunk boundary are all killed after the grace period and replaced.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from faults import FAULT_SEED
+from helpers import (finished, medium_request, pool_server, quick_request, readyz_workers,
+                     slow_request, submit, wait_running)
+from probe_core.errors import DeadlineExceeded, ProbeCancelled
+from probe_core.probe import PHASES
+from schemas import ErrorCode, JobStatus
+from service import worker as w
+from service.shard import ExchangeMismatch, Hub, QueueCollective, ShardAborted
+
+GRACE_S = 10.0          # as tests/test_deadline.py: on a loaded CPU a chunk can take seconds
+pytestmark = pytest.mark.timeout(300)
+
+# Parts of a result that legitimately differ between k = 1 and k = 2:
+SKIPPED = {
+    "timing",           # wall-clock seconds
+    "memory",           # rank 0's process: its peak RSS and trace
+    "passes",           # sequences through each pass kind: rank 0 counts its own shard's
+    "environment",      # environment.workers is k by design
+    "log_weight_noise_floor",   # max |S − S'| under another chunking: rounding-level noise,
+                                # and the chunks of a shard are not those of the whole batch
+}
+REL = 1e-5
+ABS = 1e-9              # numbers that are zero up to rounding (e.g. a term that cancels)
+
+
+def same_numbers(a, b, where: str = "result") -> list[str]:
+    """Where two result JSONs differ: every float within REL (ABS near zero), everything else
+    (ints, strings, bools, nulls, list lengths, keys) equal; the SKIPPED fields not compared."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(a.keys() ^ b.keys())} on one side only"]
+        return [d for k in a if k not in SKIPPED for d in same_numbers(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: {len(a)} items against {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in same_numbers(x, y, f"{where}[{i}]")]
+    if isinstance(a, float) or isinstance(b, float):
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(
+                a, bool) and math.isclose(a, b, rel_tol=REL, abs_tol=ABS):
+            return []
+        return [f"{where}: {a!r} against {b!r}"]
+    return [] if a == b else [f"{where}: {a!r} against {b!r}"]
+
+
+def count_floats(x) -> int:
+    if isinstance(x, dict):
+        return sum(count_floats(v) for k, v in x.items() if k not in SKIPPED)
+    if isinstance(x, list):
+        return sum(count_floats(v) for v in x)
+    return isinstance(x, float)
+
+
+def test_same_numbers_finds_what_differs():
+    a = {"delta_h1": {"total": 1.0, "se": None, "units": 4}, "timing": {"total": 1.0},
+         "rows": [0.5, 2.0]}
+    assert same_numbers(a, {**a, "timing": {"total": 9.0}}) == []
+    assert same_numbers(a, {**a, "rows": [0.5, 2.0 * (1 + 1e-6)]}) == []
+    assert same_numbers(a, {**a, "rows": [0.5, 2.0 * (1 + 1e-4)]}) == [f"result.rows[1]: 2.0 "
+                                                                       f"against {2.0002!r}"]
+    assert same_numbers(a, {**a, "delta_h1": {"total": 1.0, "se": 0.1, "units": 4}})
+    assert same_numbers(a, {**a, "delta_h1": {"total": 1.0, "se": None, "units": 3}})
+    assert same_numbers(a, {**a, "rows": [0.5]})
+
+
+# -- the exchanges alone: two QueueCollectives and a Hub in one process ------------------------
+
+class _Flag:
+    value = b""
+
+
+def _pair(deadline: float | None = None):
+    """Two ranks of job j on their own channels, as the worker loop gives them."""
+    chans = [(queue.Queue(), queue.Queue()) for _ in range(2)]
+    flags = [_Flag(), _Flag()]
+    members = [QueueCollective(w.Job("j", "{}", rank=r, size=2), jobs, events, flags[r],
+                               os.getppid(), deadline) for r, (jobs, events) in enumerate(chans)]
+    return members, chans, flags
+
+
+def _serve(chans, hub: Hub, stop: threading.Event) -> None:
+    """What the supervisor does with Exchange messages: the hub's answer to every rank."""
+    while not stop.is_set():
+        for _, events in chans:
+            try:
+                msg = events.get(timeout=0.01)
+            except queue.Empty:
+                continue
+            complete, answer = hub.add(msg)
+            if complete:
+                for jobs, _ in chans:
+                    jobs.put(w.Exchanged(msg.job_id, msg.seq, answer))
+
+
+def test_shards_get_the_same_answers_in_rank_order():
+    members, chans, _ = _pair()
+    chans[0][0].put(w.Exchanged("earlier-job", 1, "stale"))      # ignored: another job
+    chans[1][0].put(w.Abort("earlier-job", "gone"))
+    stop = threading.Event()
+    hub = threading.Thread(target=_serve, args=(chans, Hub(2), stop), daemon=True)
+    hub.start()
+    answers: dict[int, list] = {}
+
+    def shard(r: int) -> None:
+        m = members[r]
+        got = [m.exchange("gather", f"rows of {r}")]
+        got.append(m.exchange("sum", {"x": torch.full((3,), float(r + 1), dtype=torch.float64)}))
+        got.append(m.exchange("gather", r * 10))
+        answers[r] = got
+
+    threads = [threading.Thread(target=shard, args=(r,)) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    stop.set()
+    for r in (0, 1):
+        gathered, summed, last = answers[r]
+        assert gathered == ["rows of 0", "rows of 1"]
+        assert torch.equal(summed["x"], torch.full((3,), 3.0, dtype=torch.float64))
+        assert last == [0, 10]
+
+
+def test_a_waiting_shard_stops_on_abort_cancel_deadline():
+    members, chans, flags = _pair()
+    jobs = chans[0][0]
+    jobs.put(w.Abort("j", "worker 1 (cpu, pid 7) died"))
+    with pytest.raises(ShardAborted, match="worker 1"):
+        members[0].exchange("gather", 1)
+    assert isinstance(chans[0][1].get_nowait(), w.Exchange)    # it did send its value
+    flags[0].value = b"j"
+    with pytest.raises(ProbeCancelled):
+        members[0].exchange("gather", 1)
+    past, _, _ = _pair(deadline=time.monotonic() - 1.0)
+    with pytest.raises(DeadlineExceeded):
+        past[0].exchange("gather", 1)
+    flags[0].value = b""
+    jobs.put(None)                            # the server stops: the loop must still see it
+    with pytest.raises(ProbeCancelled, match="shutting down"):
+        members[0].exchange("gather", 1)
+    assert jobs.get_nowait() is None
+
+
+def test_the_hub_refuses_shards_that_disagree():
+    hub = Hub(2)
+    assert hub.add(w.Exchange("j", 0, 1, "gather", "a")) == (False, None)
+    with pytest.raises(ExchangeMismatch):
+        hub.add(w.Exchange("j", 1, 1, "sum", {"x": torch.zeros(1)}))
+    with pytest.raises(ExchangeMismatch):
+        hub.add(w.Exchange("j", 0, 1, "gather", "again"))
+    assert hub.add(w.Exchange("j", 1, 1, "gather", "b")) == (True, ["a", "b"])
+    assert hub.pending == {}
+
+
+# -- a real server with two workers ------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["local", "ray"])
+def pool(request, tmp_path_factory, tiny_checkpoint):
+    """Two CPU workers (processes, then Ray actors) whose jobs with seed 424242 hang in
+    rollouts (tests/faults.py); the others run normally."""
+    if request.param == "ray":
+        pytest.importorskip("ray", reason="the 'ray' extra is not installed")
+    server = pool_server(tmp_path_factory.mktemp(f"sharded-{request.param}"),
+                         os.path.dirname(tiny_checkpoint[0]), request.param,
+                         fault_hook="hang:rollouts", deadline_grace_seconds=str(GRACE_S))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def five_rollouts(ck: tuple[str, str]) -> dict:
+    """quick_request's rollouts and a fifth prompt: 5 units split 2 + 3 over two shards."""
+    body = quick_request(ck, seed=1, report={"per_prompt": True})
+    body["rollouts"].append({"prompt": "4+1=", "responses": ["5", "5 ", "1", "##"],
+                             "rewards": [1.0, 0.5, 0.0, 0.0]})
+    return body
+
+
+def sampled(ck: tuple[str, str]) -> dict:
+    body = medium_request(ck, seed=2)
+    body.update(responses_per_prompt=4, generation={"max_new_tokens": 8},
+                report={"per_prompt": True})
+    return body
+
+
+def result_of(server, body: dict, workers: int) -> dict:
+    job = finished(server, submit(server, {**body, "workers": workers}))
+    assert job.status == JobStatus.succeeded, job.error
+    return job.model_dump(mode="json")["result"]
+
+
+def idle_again(server, n: int = 2, timeout: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = readyz_workers(server)
+        if sum(x["state"] == "idle" for x in listed) >= n:
+            return listed
+        time.sleep(0.1)
+    raise AssertionError(f"workers not idle: {readyz_workers(server)}")
+
+
+@pytest.mark.parametrize("make", [five_rollouts, sampled], ids=["rollouts", "sampled"])
+def test_two_workers_give_the_one_worker_result(pool, tiny_checkpoint, make):
+    body = make(tiny_checkpoint)
+    one, two = result_of(pool, body, 1), result_of(pool, body, 2)
+    assert one["environment"]["workers"] == 1 and two["environment"]["workers"] == 2
+    assert one["batch"] == two["batch"]           # the same responses (sampled: per prompt)
+    assert count_floats(one) > 40
+    assert same_numbers(one, two) == []
+
+
+def test_more_workers_than_the_pool_is_a_422(pool, tiny_checkpoint):
+    r = pool.http.post("/probes", json={**quick_request(tiny_checkpoint), "workers": 3})
+    assert r.status_code == 422
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "workers"] and "holds 2 workers" in error["msg"]
+    r = pool.http.post("/probes", json={**quick_request(tiny_checkpoint), "workers": 0})
+    assert r.status_code == 422
+
+
+def test_a_killed_shard_fails_its_job_by_name_and_the_next_job_runs(pool, tiny_checkpoint):
+    job_id = submit(pool, {**slow_request(tiny_checkpoint), "workers": 2})
+    wait_running(pool, job_id)
+    listed = readyz_workers(pool)
+    assert [x["state"] for x in listed] == ["busy", "busy"]
+    victim = listed[1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    job = finished(pool, job_id)
+    assert job.status == JobStatus.failed and job.error.code == ErrorCode.worker_crashed
+    assert f"worker 1 (cpu, pid {victim['pid']})" in job.error.message
+    pool.wait_workers(2, not_pid=victim["pid"])
+    assert idle_again(pool)[0]["pid"] == listed[0]["pid"]        # the other shard stopped
+    result = result_of(pool, quick_request(tiny_checkpoint, seed=3), 2)
+    assert result["delta_h1"]["units"] == 4
+
+
+def test_cancel_reaches_every_shard(pool, tiny_checkpoint):
+    job_id = submit(pool, {**slow_request(tiny_checkpoint), "workers": 2})
+    wait_running(pool, job_id)
+    pids = [x["pid"] for x in readyz_workers(pool)]
+    r = pool.http.post(f"/probes/{job_id}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelling", r.text
+    job = finished(pool, job_id)
+    assert job.status == JobStatus.cancelled and job.error.code == ErrorCode.cancelled
+    assert [x["pid"] for x in idle_again(pool)] == pids           # stopped, not killed
+
+
+def test_a_deadline_reaches_every_shard(pool, tiny_checkpoint):
+    pids = [x["pid"] for x in idle_again(pool)]
+    body = {**slow_request(tiny_checkpoint), "responses_per_prompt": 4, "timeout_s": 1.0,
+            "workers": 2}
+    job = finished(pool, submit(pool, body))
+    assert job.status == JobStatus.failed and job.error.code == ErrorCode.deadline_exceeded
+    assert job.error.phase in PHASES and "chunk boundary" in job.error.message
+    assert [x["pid"] for x in idle_again(pool)] == pids           # stopped by themselves
+
+
+def test_shards_that_reach_no_boundary_are_all_killed(pool, tiny_checkpoint):
+    pids = {x["pid"] for x in idle_again(pool)}
+    job = finished(pool, submit(pool, quick_request(tiny_checkpoint, seed=FAULT_SEED,
+                                                    timeout_s=1.0, workers=2)))
+    assert job.status == JobStatus.failed and job.error.code == ErrorCode.deadline_exceeded
+    assert "killed" in job.error.message
+    deadline = time.monotonic() + 60
+    while not (pids.isdisjoint(pool.wait_workers(2)) or time.monotonic() > deadline):
+        time.sleep(0.2)
+    assert pids.isdisjoint(pool.wait_workers(2))                  # both replaced
+    assert result_of(pool, quick_request(tiny_checkpoint, seed=4), 2)["delta_h1"]["units"] == 4
