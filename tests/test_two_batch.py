@@ -34,10 +34,10 @@ G_U, MAX_NEW = 6, 3
 B_U = 8
 E_SEQUENCES = 64          # B_E·G_E, the same for every G_E
 LR = 0.02                 # first order holds: the calibration studies
-SEEDS = int(os.environ.get("TWO_BATCH_SEEDS", 40))
+SEEDS = int(os.environ.get("TWO_BATCH_SEEDS", "40"))
 # the regression test of the audit's finding (its own world: see its docstring)
 NOVELTY_LR = 0.01
-NOVELTY_SEEDS = int(os.environ.get("TWO_BATCH_NOVELTY_SEEDS", 64))
+NOVELTY_SEEDS = int(os.environ.get("TWO_BATCH_NOVELTY_SEEDS", "64"))
 
 
 @dataclass
