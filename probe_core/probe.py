@@ -13,6 +13,12 @@ Unit summaries are kept on the host while they fit spec.host_budget_bytes; above
 their sums are kept in phase 2 and a second gradient pass recomputes each unit to take its dot
 products once D is known (one more grad forward and backward per sequence, reported in
 `passes` and the warnings).
+
+A job over k workers runs this same code on each, with its rank's `collective`
+(probe_core/collective.py): every shard holds the whole batch (the sampled responses are
+gathered), maps only its block of units (`_local`), and each reduce above runs on exchanged
+values, so every shard computes the same D, Δθ and estimates. Rank 0's outcome is the job's:
+its passes and warnings are the job's (summed, each once), its timing and memory its own.
 """
 
 from __future__ import annotations
