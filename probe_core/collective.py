@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import copy
 import threading
-from typing import Any, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol, TypeVar
 
-import torch
 
 Op = Literal["gather", "sum"]
+T = TypeVar("T")
 
 __all__ = ["Collective", "Op", "SOLO", "Solo", "ThreadGroup", "combine", "shard_units"]
 
@@ -65,7 +65,7 @@ class Solo:
     rank, size = 0, 1
 
     def exchange(self, op: Op, value: Any) -> Any:
-        return combine(op, [value])
+        return [value] if op == "gather" else value     # no copy of the P-vectors
 
 
 SOLO = Solo()
@@ -86,6 +86,29 @@ class ThreadGroup:
 
     def member(self, rank: int) -> "_ThreadMember":
         return _ThreadMember(self, rank)
+
+    def run(self, fn: Callable[[Collective], T]) -> list[T]:
+        """fn(rank r's Collective) on one thread per rank; the results in rank order. The first
+        rank to raise aborts the others' exchanges, and its exception is raised here."""
+        results: list = [None] * self.size
+        errors: list[BaseException] = []
+
+        def shard(rank: int) -> None:
+            try:
+                results[rank] = fn(self.member(rank))
+            except BaseException as exc:    # noqa: BLE001 - re-raised in the caller
+                errors.append(exc)
+                self.abort(f"rank {rank}: {type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=shard, args=(r,), name=f"shard-{r}")
+                   for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
 
     def abort(self, reason: str) -> None:
         with self._cond:

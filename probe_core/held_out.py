@@ -27,6 +27,7 @@ from probe_core.estimators import BilinearDots, UnitDots, UnitLayout
 from probe_core.gradients import GradientAccumulator
 from probe_core.rollouts import SamplingPlan
 from probe_core.spec import EntropySpec, ProbeSpec
+from probe_core.stages import reduce_stats
 from probe_core.summaries import UPDATE, SummaryPlan
 
 # the E batch's sampling seed is offset from the U batch's, so that the two batches never
@@ -80,25 +81,41 @@ def _single_response_x(rows: dict[str, torch.Tensor], b_total: float, t_total: f
 
 
 @dataclass
-class HeldOutDots:
-    """The E batch's gradient pass against the U step.
+class HeldOutRows:
+    """The E batch's gradient pass over some units against the U step (a map output).
 
-    Fields: dots: UnitDots of the E units against Ȳ_U (x_ybar = X_u·WȲ_U; diag and xbar_y are
-    0: two_batch needs no same-unit term), [U_E] each; x_bar: X̄_E, float64 [P] host; stats: the
-    E sequences' statistics (host, batch order); forward_grad, backward: pass counts."""
+    Fields: rows: per accumulator row, each unit's dots with the step's four vectors, float64
+    [U_s, 4] host; sums: per row, Σ over the shard's units, float64 [P] host; stats: the shard's
+    sequences' statistics (host) and sequences their batch indices [N_s]; forward_grad, backward:
+    pass counts."""
 
-    dots: UnitDots
-    x_bar: torch.Tensor
+    rows: dict[str, torch.Tensor]
+    sums: dict[str, torch.Tensor]
     stats: SequenceStats
+    sequences: torch.Tensor
     forward_grad: int
     backward: int
 
 
-def map_held_out_dots(acc: GradientAccumulator, layout: UnitLayout, plan: SummaryPlan,
+@dataclass
+class HeldOutDots:
+    """The E batch against the U step (the reduce of every shard's HeldOutRows).
+
+    Fields: dots: UnitDots of the E units against Ȳ_U (x_ybar = X_u·WȲ_U; diag and xbar_y are
+    0: two_batch needs no same-unit term), [U_E] each; x_bar: X̄_E, float64 [P] host; stats: the
+    E sequences' statistics (host, batch order)."""
+
+    dots: UnitDots
+    x_bar: torch.Tensor
+    stats: SequenceStats
+
+
+def map_held_out_rows(acc: GradientAccumulator, layout: UnitLayout, plan: SummaryPlan,
                       microbatch: int, step: AdamWStep, y_bar: torch.Tensor,
-                      on_chunk: Callable[[], None] | None = None) -> HeldOutDots:
-    """Per E unit: its rows on the device, dotted with the step's four vectors (W⊙Ȳ_U, D⊙Ȳ_U,
-    lr β1 D⊙m, lr wd θ), then dropped; the rows' unit sums are kept for X̄_E.
+                      on_chunk: Callable[[], None] | None = None) -> HeldOutRows:
+    """Per E unit of `layout` (a shard's): its rows on the device, dotted with the step's four
+    vectors (W⊙Ȳ_U, D⊙Ȳ_U, lr β1 D⊙m, lr wd θ), then dropped; the rows' unit sums are kept
+    for X̄_E.
 
     Args: y_bar: Ȳ of the U batch, float64 [P]."""
     dev = acc.forcer.device
@@ -120,21 +137,31 @@ def map_held_out_dots(acc: GradientAccumulator, layout: UnitLayout, plan: Summar
             if name not in sums:
                 sums[name] = torch.zeros_like(v, dtype=torch.float64)
             sums[name].add_(v)                                        # in place: no [P] per unit
-    stats = SequenceStats.cat(stats).cpu()
+    sequences = torch.cat([layout.sequences(u) for u in range(layout.num_units)])
+    return HeldOutRows(rows={name: torch.stack(d) for name, d in dots.items()},
+                       sums={name: v.cpu() for name, v in sums.items()},
+                       stats=SequenceStats.cat(stats).cpu(), sequences=sequences,
+                       forward_grad=forward, backward=backward)
+
+
+def reduce_held_out(shards: list[HeldOutRows], sums: dict[str, torch.Tensor], num_units: int,
+                    plan: SummaryPlan) -> HeldOutDots:
+    """The E units' dots and X̄_E from every shard's rows (in unit order) and the rows' sums
+    over all units (`sums`, reduced across shards)."""
+    n = sum(s.sequences.numel() for s in shards)
+    stats = reduce_stats(shards, n)
     scalars = batch_scalars(stats, plan.spec)
-    unit_rows = {name: torch.stack(d) for name, d in dots.items()}               # [U, 4]
-    sums = {name: v.cpu() for name, v in sums.items()}                          # [P]
+    unit_rows = {name: torch.cat([s.rows[name] for s in shards]) for name in shards[0].rows}
     if isinstance(plan, SingleResponsePlan):
-        n = stats.baseline.numel()
         b_total, t_total = float(stats.baseline.double().sum()), float(stats.length.sum())
         x = _single_response_x(unit_rows, b_total, t_total, n, scalars, plan)    # [U, 4]
         x_bar = _single_response_x(sums, b_total, t_total, n, scalars, plan) / n
     else:   # G_E ≥ 2: the rows already hold X^seq_u (and N_u), baselined within each prompt
         x = scalars.entropy_vector(unit_rows["entropy"], unit_rows.get("length"))
-        x_bar = scalars.entropy_vector(sums["entropy"], sums.get("length")) / layout.num_units
-    zero = torch.zeros(layout.num_units, dtype=torch.float64)
+        x_bar = scalars.entropy_vector(sums["entropy"], sums.get("length")) / num_units
+    zero = torch.zeros(num_units, dtype=torch.float64)
     return HeldOutDots(
         dots=UnitDots(preconditioned=BilinearDots(diag=zero, x_ybar=x[:, 1], xbar_y=zero),
                       step_weighted=BilinearDots(diag=zero, x_ybar=x[:, 0], xbar_y=zero),
                       momentum=x[:, 2].contiguous(), decay=x[:, 3].contiguous()),
-        x_bar=x_bar, stats=stats, forward_grad=forward, backward=backward)
+        x_bar=x_bar, stats=stats)

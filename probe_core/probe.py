@@ -13,6 +13,12 @@ Unit summaries are kept on the host while they fit spec.host_budget_bytes; above
 their sums are kept in phase 2 and a second gradient pass recomputes each unit to take its dot
 products once D is known (one more grad forward and backward per sequence, reported in
 `passes` and the warnings).
+
+A job over k workers runs this same code on each, with its rank's `collective`
+(probe_core/collective.py): every shard holds the whole batch (the sampled responses are
+gathered), maps only its block of units (`_local`), and each reduce above runs on exchanged
+values, so every shard computes the same D, Δθ and estimates. Rank 0's outcome is the job's:
+its passes and warnings are the job's (summed, each once), its timing and memory its own.
 """
 
 from __future__ import annotations
@@ -28,15 +34,16 @@ from typing import Callable
 import torch
 
 from probe_core.adamw import AdamWState, AdamWStep, adamw_step
-from probe_core.collective import SOLO, Collective
 from probe_core.checkpoint import LoadedCheckpoint, ModelCache, open_checkpoint
+from probe_core.collective import SOLO, Collective, shard_units
 from probe_core.entropy import EntropyScalars, SequenceStats, batch_scalars
 from probe_core.errors import (CheckpointInvalid, DeadlineExceeded, DegenerateBatch,
                                InvalidRequest, ProbeCancelled, ProbeOutOfMemory)
 from probe_core.estimators import (DeltaH1, Estimator, UnitDots, UnitLayout, UnitMeans,
                                    estimator_for, unconditional_se, unit_dots)
 from probe_core.gradients import FlatParams, GradientAccumulator
-from probe_core.held_out import held_out_plan, held_out_summaries, map_held_out_dots
+from probe_core.held_out import (held_out_plan, held_out_summaries, map_held_out_rows,
+                                 reduce_held_out)
 from probe_core.importance import (EntropySample, curvature, entropy_before,
                                    per_prompt_change, per_prompt_entropy, snis)
 from probe_core.memory import MemoryTracer
@@ -55,7 +62,8 @@ from probe_core.reward_side import (RewardDots, RewardMeans, RewardOutcome, bonu
                                     reward_outcome, reward_weights)
 from probe_core.summaries import BONUS, REWARD, UPDATE, SummaryPlan
 from probe_core.step import ParameterSwap, save_adapter
-from probe_core.teacher_forcing import TeacherForcer, all_logprobs_subset, sequence_values
+from probe_core.teacher_forcing import (SequenceValues, TeacherForcer, all_logprobs_subset,
+                                        sequence_values)
 
 __all__ = ["PHASES", "ProbeHooks", "resolve_device", "run_probe"]
 
@@ -118,10 +126,12 @@ class _Plan:
 
 @dataclass
 class _Measured:
-    """The gradient pass's outputs: the shard, every sequence's statistics (host, batch
-    order) and the batch scalars."""
+    """The gradient pass's outputs: this shard's map (its units' vectors, when kept), the
+    reduce over every shard (sums over all units, no vectors), every sequence's statistics
+    (host, batch order) and the batch scalars."""
 
     shard: GradientShard
+    total: GradientShard
     stats: SequenceStats
     scalars: EntropyScalars
 
@@ -246,7 +256,7 @@ class _Probe:
         and its SEs from the E units (phases rollouts and gradients again)."""
         self._enter("rollouts")
         batch = sample(ck.model, ck.tokenizer, held_out_plan(self.spec), self.device,
-                       on_chunk=self._tick)
+                       on_chunk=self._tick, comm=self.comm)
         self._finish("rollouts")
         layout = self.estimator.layout(batch.num_prompts, batch.group_size)
         summaries = held_out_summaries(self.spec.entropy, batch.num_sequences, batch.group_size)
@@ -258,10 +268,12 @@ class _Probe:
                        summaries=summaries)
         forcer, acc = self._gradient_pass_for(ck, batch)
         self._enter("gradients")
-        mb = self.spec.microbatch_size
-        e = map_held_out_dots(acc, layout, summaries, mb, result.step, result.means.y_bar,
-                              on_chunk=self._counter(sum(map(len, layout.chunks(mb)))))
-        self._count_gradient_passes(e.forward_grad, e.backward)
+        mb, local = self.spec.microbatch_size, self._local(layout)
+        rows = map_held_out_rows(acc, local, summaries, mb, result.step, result.means.y_bar,
+                                 on_chunk=self._counter(sum(map(len, local.chunks(mb)))))
+        self._count_gradient_passes(rows.forward_grad, rows.backward)
+        e = reduce_held_out(self.comm.exchange("gather", dataclasses.replace(rows, sums={})),
+                            self.comm.exchange("sum", rows.sums), layout.num_units, summaries)
         estimate = self.estimator.delta_h1(e.dots, result.step.kappa)
         check_finite(estimate, result.state)
         estimate.se_unconditional = unconditional_se(
@@ -288,17 +300,21 @@ class _Probe:
     def _u_spread(self, u_measured: _Measured, x_bar_e: torch.Tensor, result: _StepResult
                   ) -> torch.Tensor | None:
         """X̄_E·(W⊙Y_w) for each U unit w (the U batch's spread of the gradient term)."""
-        if u_measured.shard.vectors is None:
+        vectors = u_measured.shard.vectors
+        mine = None if vectors is None else (
+            vectors[UPDATE].double() @ (result.step.w_grad * x_bar_e))            # [U_s]
+        parts = self.comm.exchange("gather", mine)
+        if any(p is None for p in parts):
             self.warnings.append("the U batch's unit vectors exceeded the host budget: "
                                  "delta_h1.se_unconditional is null")
             return None
-        y = u_measured.shard.vectors[UPDATE]                                     # [U, P]
-        return y.double() @ (result.step.w_grad * x_bar_e)
+        return torch.cat(parts)
 
     # -- phases ------------------------------------------------------------------------------
     def _rollouts(self, ck: LoadedCheckpoint) -> tuple[Batch, torch.Tensor]:
         self._enter("rollouts")
-        batch, rewards, warnings = batch_for(self.spec, ck, self.device, on_chunk=self._tick)
+        batch, rewards, warnings = batch_for(self.spec, ck, self.device, on_chunk=self._tick,
+                                             comm=self.comm)
         self.warnings += warnings
         if batch.group_size < MIN_GROUP_SIZE:
             raise DegenerateBatch("responses_per_prompt must be at least 2 (the leave-one-out "
@@ -332,9 +348,10 @@ class _Probe:
                      bonus_scale=scale)
 
     def _gradients(self, acc: GradientAccumulator, plan: _Plan) -> _Measured:
-        """Phase 2 (a map over one shard holding every unit, then its reduce)."""
+        """Phase 2: the map over this shard's units (every unit on one worker), then the reduce
+        over every shard."""
         self._enter("gradients")
-        layout, mb = plan.layout, self.spec.microbatch_size
+        layout, mb = self._local(plan.layout), self.spec.microbatch_size
         keep = keeps_unit_vectors(layout.num_units, acc.flat.numel,
                                   len(plan.summaries.rows), self.spec.host_budget_bytes)
         shard = map_gradients(acc, layout, plan.summaries, keep, mb,
@@ -344,10 +361,27 @@ class _Probe:
             for vectors in (shard.vectors, shard.sums):
                 if vectors is not None:
                     fold_bonus(vectors, UPDATE, BONUS, plan.bonus_weight)
-        stats = reduce_stats([shard], plan.batch.num_sequences)
+        total = self._reduce(shard, plan.batch.num_sequences)
         self._finish("gradients")
-        return _Measured(shard=shard, stats=stats,
-                         scalars=batch_scalars(stats, plan.summaries.spec))
+        return _Measured(shard=shard, total=total, stats=total.stats,
+                         scalars=batch_scalars(total.stats, plan.summaries.spec))
+
+    def _local(self, layout: UnitLayout) -> UnitLayout:
+        """This shard's block of the units."""
+        comm = self.comm
+        return layout if comm.size == 1 else layout.subset(
+            shard_units(layout.num_units, comm.rank, comm.size))
+
+    def _reduce(self, shard: GradientShard, num_sequences: int) -> GradientShard:
+        """Every shard's map reduced: the sums over all units, every sequence's statistics in
+        batch order."""
+        parts = self.comm.exchange("gather", dataclasses.replace(shard, vectors=None, sums={}))
+        return GradientShard(vectors=None, sums=self.comm.exchange("sum", shard.sums),
+                             stats=reduce_stats(parts, num_sequences),
+                             sequences=torch.arange(num_sequences),
+                             units=sum(p.units for p in parts),
+                             forward_grad=sum(p.forward_grad for p in parts),
+                             backward=sum(p.backward for p in parts))
 
     def _count_gradient_passes(self, forward: int, backward: int) -> None:
         self.passes.forward_grad += forward
@@ -359,12 +393,12 @@ class _Probe:
         self._enter("step")
         swap = ParameterSwap(acc.flat)
         state = AdamWState.from_states(ck.states, self.spec.lr_override)
-        means = reduce_gradients([measured.shard], measured.scalars)
+        means = reduce_gradients([measured.total], measured.scalars)
         step = adamw_step(state, means.y_bar, swap.theta(), self.spec.max_grad_norm)
-        shard, units = measured.shard, plan.layout.num_units
+        shard, sums, units = measured.shard, measured.total.sums, plan.layout.num_units
         r_means = RewardMeans(x_bar=means.x_bar, y_bar=means.y_bar,
-                              z_bar=shard.sums[REWARD] / units,
-                              p_bar=shard.sums[BONUS] / units if BONUS in shard.sums else None)
+                              z_bar=sums[REWARD] / units,
+                              p_bar=sums[BONUS] / units if BONUS in sums else None)
         if shard.vectors is not None:
             dots = map_unit_dots(shard, step, means, measured.scalars)
             v = shard.vectors
@@ -372,6 +406,9 @@ class _Probe:
         else:
             dots, r_dots = self._recomputed_dots(acc, plan, measured.scalars, step, means,
                                                  r_means)
+        parts = self.comm.exchange("gather", (dots, r_dots))       # in unit order
+        dots = UnitDots.cat([d for d, _ in parts])
+        r_dots = RewardDots.cat([r for _, r in parts])
         estimate = self.estimator.delta_h1(dots, step.kappa)
         check_finite(estimate, state)
         objective = self.spec.objective
@@ -380,7 +417,7 @@ class _Probe:
             objective.entropy_coef, plan.bonus_scale, objective.target_delta_h)
         self._warn_degenerate(plan.update.advantages, state, plan.layout.num_units)
         updated = None
-        if self.save_to is not None:   # the real step, s = 1, whatever the multipliers are
+        if self.save_to is not None and self.comm.rank == 0:   # the real step, s = 1
             try:
                 swap.apply(step.delta, 1.0)
                 updated = save_adapter(ck.model, self.save_to)
@@ -396,7 +433,7 @@ class _Probe:
         """The unit dots when the unit summaries did not fit the host: each unit again."""
         self.warnings.append("unit vectors exceeded the host memory budget: a second gradient "
                              "pass recomputed them")
-        layout, parts, r_parts = plan.layout, [], []
+        layout, parts, r_parts = self._local(plan.layout), [], []
         for u, chunks in enumerate(layout.chunks(self.spec.microbatch_size)):
             grad = acc.unit(chunks, plan.summaries, layout.prompt_weight[layout.prompts[u]],
                             on_chunk=self._counter(0))
@@ -425,7 +462,9 @@ class _Probe:
         """Phase 4: S⁺ (and f⁺) at θ + sΔθ on the measured sequences (the batch's own, or the
         E batch's) for each multiplier, SNIS, and the curvature ΔH(s) − s·δH₁ paired per unit."""
         spec, step = self.spec.realized, result.step
-        chunks = [c for u in plan.layout.chunks(self.spec.microbatch_size) for c in u]
+        chunks = [c for u in self._local(plan.layout).chunks(self.spec.microbatch_size)
+                  for c in u]
+        mine = sum(map(len, chunks))
         shape = (plan.batch.num_prompts, plan.batch.group_size)
         full = self.spec.entropy.estimator == "full_vocabulary"
         length = (stats.length if self.spec.entropy.normalization == "token_mean"
@@ -438,8 +477,9 @@ class _Probe:
             for mult in spec.lr_multipliers:
                 swap.apply(step.delta, mult)
                 values = sequence_values(forcer, chunks, full, on_chunk=lambda *_: on_chunk())
-                self.passes.forward_no_grad += plan.batch.num_sequences
+                self.passes.forward_no_grad += mine
                 swap.restore()
+                values = self._gather_values(values)
                 s_after = values.logprob.double().view(shape)
                 after = EntropySample(
                     value=values.entropy.double().view(shape) if full else -s_after,
@@ -460,9 +500,21 @@ class _Probe:
                                target="held_out" if self.spec.entropy_batch
                                else "batch_in_sample")
 
+    def _gather_values(self, values: SequenceValues) -> SequenceValues:
+        """Every sequence's S⁺ (and f⁺): each shard filled its own rows, the others are 0."""
+        if self.comm.size == 1:
+            return values
+        named = {"logprob": values.logprob}
+        if values.entropy is not None:
+            named["entropy"] = values.entropy
+        total = self.comm.exchange("sum", named)
+        return SequenceValues(logprob=total["logprob"], entropy=total.get("entropy"))
+
     def _noise_floor(self, forcer: TeacherForcer, s: torch.Tensor) -> float:
         """max |S − S'| over a few sequences, S from the gradient forward and S' recomputed
-        without grad in another chunking."""
+        without grad in another chunking (on the first shard only: only its result is kept)."""
+        if self.comm.rank != 0:
+            return 0.0
         n = min(NOISE_CHECK_SEQUENCES, s.numel())
         size = 1 if self.spec.microbatch_size > 1 else 2
         alt = all_logprobs_subset(forcer, torch.arange(n), size)
@@ -487,8 +539,10 @@ class _Probe:
             zero_advantage_prompts=int((adv == 0).all(1).sum()))
         for phase in PHASES:
             self.timing.setdefault(phase, 0.0)
+        # [U, P] unit vectors are kept for library callers of a one-worker probe only
         x, y = (unit_vectors(measured.shard, measured.scalars)
-                if measured.shard.vectors is not None else (None, None))
+                if measured.shard.vectors is not None and self.comm.size == 1 else (None, None))
+        passes, warnings = self._job_bookkeeping()
         entropy = EntropyOutcome(normalization=self.spec.entropy.normalization,
                                  estimator=self.spec.entropy.estimator,
                                  temperature=self.spec.generation.temperature)
@@ -501,13 +555,21 @@ class _Probe:
                 mean_response_tokens=float(held_out.batch.lengths.double().mean())),
             entropy=entropy, realized=realized, batch=summary,
             proxy=covariance_proxy(measured.stats.logprob.view(b, g), adv), proxy_lr=lr,
-            optimizer=optimizer, passes=self.passes, timing=self.timing, memory=self.tracer,
+            optimizer=optimizer, passes=passes, timing=self.timing, memory=self.tracer,
             device=str(self.device), updated_adapter=result.updated_adapter,
-            grad_method=grad_method, base_reused=ck.base_reused, warnings=self.warnings,
+            grad_method=grad_method, base_reused=ck.base_reused, warnings=warnings,
             per_prompt=self._per_prompt(held_out or plan, result, realized),
             reward=result.reward, step=step,
             x_bar=result.means.x_bar, y_bar=result.means.y_bar, unit_x=x, unit_y=y,
             sequences=measured.stats)
+
+    def _job_bookkeeping(self) -> tuple[Passes, list[str]]:
+        """The passes of every shard, summed, and their warnings, each once (a job over several
+        workers reports its whole work; timing and memory stay this shard's)."""
+        parts = self.comm.exchange("gather", (self.passes, self.warnings))
+        total = Passes(**{f.name: sum(getattr(p, f.name) for p, _ in parts)
+                          for f in dataclasses.fields(Passes)})
+        return total, list(dict.fromkeys(w for _, ws in parts for w in ws))
 
     def _per_prompt(self, plan: _Plan, result: _StepResult, realized: RealizedOutcome | None
                     ) -> PerPromptView | None:

@@ -8,14 +8,22 @@ ids with the pad id, which may equal EOS or be sampled as an ordinary token.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from probe_core.checkpoint import causal_lm
+from probe_core.collective import SOLO, Collective, shard_units
 from probe_core.errors import InvalidRequest, TokenizerError
 from probe_core import rewards as rw
 from probe_core.spec import ClientRollout, GenerationSpec, ProbeSpec
+
+
+CALL_SEED_STRIDE = 1 << 20     # generate() calls per batch with distinct seeds
+# generate() draws from torch's global generator: shards in threads of one process
+# (collective.ThreadGroup) take turns, so each call sees only its own seed's stream
+_GLOBAL_RNG = threading.Lock()
 
 
 @dataclass
@@ -157,10 +165,21 @@ class SamplingPlan:
     seed: int
 
 
+def call_seed(seed: int, call: int) -> int:
+    """The RNG seed of generate() call `call` of a batch sampled with `seed`: each call is
+    seeded on its own, so a call's responses depend only on the seed, its index and its
+    prompts, not on which worker makes it (a job over several workers samples the same
+    responses as on one)."""
+    return (seed * CALL_SEED_STRIDE + call) % 2**63
+
+
 @torch.no_grad()
-def sample(model, tokenizer, plan: SamplingPlan, device: torch.device, on_chunk=None) -> Batch:
+def sample(model, tokenizer, plan: SamplingPlan, device: torch.device, on_chunk=None,
+           comm: Collective = SOLO) -> Batch:
     """Sample G responses per prompt from π_τ with generate(), batched across prompts with left
-    padding, at most generation.batch_size sequences per call. on_chunk(done, total) reports
+    padding, at most generation.batch_size sequences per call, each call seeded by call_seed.
+    With several shards (`comm`), each makes a contiguous block of the calls and they gather
+    the responses, so every shard returns the whole batch. on_chunk(done, total) reports
     progress."""
     from transformers import GenerationConfig
 
@@ -172,14 +191,13 @@ def sample(model, tokenizer, plan: SamplingPlan, device: torch.device, on_chunk=
         max_new_tokens=gen.max_new_tokens, eos_token_id=eos_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0, num_beams=1,
         min_new_tokens=0)
-    torch.manual_seed(plan.seed)
     # generate() fills every setting the config leaves unset from the checkpoint's own
     # generation_config (Qwen ships top_k=20, top_p=0.8, repetition_penalty=1.05 ...): those
     # would change the sampling distribution away from π_τ, so they are hidden while sampling.
     lm = causal_lm(model)
     saved, lm.generation_config = lm.generation_config, GenerationConfig()
     try:
-        responses = _generate(model, prompt_ids, plan, config, device, on_chunk)
+        responses = _generate(model, prompt_ids, plan, config, device, on_chunk, comm)
     finally:
         lm.generation_config = saved
     return assemble(prompt_ids, responses, plan.group_size, config.eos_token_id,
@@ -187,31 +205,37 @@ def sample(model, tokenizer, plan: SamplingPlan, device: torch.device, on_chunk=
 
 
 def _generate(model, prompt_ids: list[list[int]], plan: SamplingPlan, config,
-              device: torch.device, on_chunk) -> list[list[int]]:
+              device: torch.device, on_chunk, comm: Collective) -> list[list[int]]:
     """The responses' token ids (up to and including the first EOS), G per prompt in order."""
     g, pad = plan.group_size, config.pad_token_id
     per_call = max(1, plan.generation.batch_size // g)
+    starts = range(0, len(prompt_ids), per_call)
     responses: list[list[int]] = []
-    for start in range(0, len(prompt_ids), per_call):
+    for call in shard_units(len(starts), comm.rank, comm.size):
+        start = starts[call]
         chunk = [p for p in prompt_ids[start:start + per_call] for _ in range(g)]
         width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for i, p in enumerate(chunk):
             ids[i, width - len(p):], attn[i, width - len(p):] = torch.tensor(p), 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                             generation_config=config)
+        with _GLOBAL_RNG:
+            torch.manual_seed(call_seed(plan.seed, call))
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                 generation_config=config)
         new = out[:, width:].cpu()                                        # [n, L_call]
         lengths = torch.full((new.shape[0],), new.shape[1], dtype=torch.long)
         mask = response_mask(new, config.eos_token_id, lengths)
         responses += [new[i][mask[i]].tolist() for i in range(new.shape[0])]
         if on_chunk:
             on_chunk(min(start + per_call, len(prompt_ids)), len(prompt_ids))
-    return responses
+    if comm.size == 1:
+        return responses
+    return [r for part in comm.exchange("gather", responses) for r in part]
 
 
-def batch_for(spec: ProbeSpec, ck, device: torch.device, on_chunk=None
-              ) -> tuple[Batch, torch.Tensor, list[str]]:
+def batch_for(spec: ProbeSpec, ck, device: torch.device, on_chunk=None,
+              comm: Collective = SOLO) -> tuple[Batch, torch.Tensor, list[str]]:
     """The probe's batch: the client's rollouts, or G responses sampled per prompt and scored.
     Returns the batch, rewards [B, G] float64 and warnings for the result."""
     if spec.rollouts is not None:
@@ -222,7 +246,7 @@ def batch_for(spec: ProbeSpec, ck, device: torch.device, on_chunk=None
     answers = spec.answers[:len(prompts)]
     g = spec.responses_per_prompt
     plan = SamplingPlan(prompts, spec.prompt_format, g, spec.generation, spec.seed)
-    batch = sample(ck.model, ck.tokenizer, plan, device, on_chunk=on_chunk)
+    batch = sample(ck.model, ck.tokenizer, plan, device, on_chunk=on_chunk, comm=comm)
     rewards = torch.tensor([[rw.score(spec.reward_kind, batch.response_texts[n * g + j],
                                       answers[n]) for j in range(g)]
                             for n in range(len(prompts))], dtype=torch.float64)

@@ -11,8 +11,10 @@ A job's units can be computed by several workers (issue 16) and reduced:
                                                                         UnitDots.cat(parts))
     map     S⁺ (and f⁺) at θ + sΔθ                   → SequenceValues  (teacher_forcing)
     reduce  SNIS                                     → importance.snis
-Today one process runs them all (probe.py), over one shard holding every unit. Everything a
-map returns is host tensors and numbers, so it can cross a process or Ray boundary.
+One process runs them all over one shard holding every unit, or each of k workers maps its
+block of units and the reduces run on the exchanged results (probe_core/collective.py).
+Everything a map returns is host tensors and numbers, so it can cross a process or Ray
+boundary.
 """
 
 from __future__ import annotations
@@ -87,8 +89,9 @@ def map_gradients(acc: GradientAccumulator, layout: UnitLayout, plan: SummaryPla
                          units=n_units, forward_grad=forward, backward=backward)
 
 
-def reduce_stats(shards: list[GradientShard], num_sequences: int) -> SequenceStats:
-    """Every sequence's statistics, in batch order."""
+def reduce_stats(shards: list, num_sequences: int) -> SequenceStats:
+    """Every sequence's statistics, in batch order, from shards (GradientShard, HeldOutRows:
+    anything with `stats` and `sequences`) that together hold every sequence once."""
     stats = SequenceStats.cat([s.stats for s in shards])
     order = torch.empty(num_sequences, dtype=torch.long)
     order[torch.cat([s.sequences for s in shards])] = torch.arange(num_sequences)

@@ -226,7 +226,10 @@ class ProbeRequest(_Strict):
     optimizer_overrides: OptimizerOverrides = Field(default_factory=OptimizerOverrides)
     realized: RealizedSpec = Field(default_factory=RealizedSpec)
     memory: MemorySpec = Field(default_factory=MemorySpec)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1, description="Sampling seed. Each generate() call (of "
+        "generation.batch_size // G prompts) is seeded from (seed, its index), so the responses "
+        "depend on the seed, the prompts and generation.batch_size, not on `workers`.")
     save_updated_adapter_to: CheckpointPath | None = None
     timeout_s: float | None = Field(
         None, gt=0, le=MAX_TIMEOUT_S, description="Deadline in seconds from the moment a worker "

@@ -132,6 +132,45 @@ def response_moments(model, prompt: list[int], responses: list[list[int]],
 
 
 
+def pool_moments(model, prompts: list[list[int]], responses: list[list[int]],
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """response_moments of many prompts at once, without gradients: prompts of one length go
+    through one right-padded forward of all their (prompt, response) pairs. Returns H_n and
+    E_n[T], [K] float64 each, in prompt order."""
+    width = max(len(r) for r in responses)
+    resp = torch.zeros(len(responses), width, dtype=torch.long)
+    mask = torch.zeros(len(responses), width, dtype=torch.bool)
+    for i, r in enumerate(responses):
+        resp[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+    lengths = mask.sum(1).double()                                          # [R]
+    h, t = torch.zeros(len(prompts), dtype=torch.float64), torch.zeros(len(prompts),
+                                                                        dtype=torch.float64)
+    with torch.no_grad():
+        for size in {len(p) for p in prompts}:
+            rows = [k for k, p in enumerate(prompts) if len(p) == size]
+            heads = torch.tensor([prompts[k] for k in rows])                # [n, size]
+            ids = torch.cat([heads.repeat_interleave(len(responses), 0),
+                             resp.repeat(len(rows), 1)], 1)                 # [n·R, size+W]
+            logits = model(input_ids=ids).logits[:, size - 1:-1].double()    # [n·R, W, V]
+            lp = torch.log_softmax(logits / temperature, dim=-1)
+            tok_lp = lp.gather(2, ids[:, size:, None])[..., 0]               # [n·R, W]
+            s = (tok_lp * mask.repeat(len(rows), 1)).sum(1).view(len(rows), -1)  # [n, R]
+            h[rows], t[rows] = -(s.exp() * s).sum(1), s.exp() @ lengths
+    return h, t
+
+
+def without_momentum_or_decay(adapter: str) -> None:
+    """Rewrite <adapter>/optimizer.pt, the real AdamW state of the checkpoint's training steps,
+    so that its next step is taken with β1 = 0 and no weight decay: Δθ = lr·D⊙Ȳ is then the
+    batch's preconditioned gradient alone. (The momentum and decay terms move θ the same way
+    whatever the batch: they carry no same-prompt effect, only noise between prompt draws.)"""
+    path = f"{adapter}/optimizer.pt"
+    state = torch.load(path, weights_only=True)
+    for group in state["param_groups"]:
+        group["betas"], group["weight_decay"] = (0.0, group["betas"][1]), 0.0
+    torch.save(state, path)
+
+
 def token_terms(model, prompt: list[int], response: list[int], temperature: float = 1.0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per response token: log π_τ(y_t | y_<t) and the full next-token entropy h_t at τ, both

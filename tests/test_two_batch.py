@@ -5,8 +5,10 @@ Every response of ≤ 3 new tokens over {<eos>, a, b, c, d, e} is enumerated, so
 prompt's H_p(θ), ∇H_p and H_p(θ + Δθ) are exact. Per seed, the probe takes its step from a U
 batch and measures δH₁ and the realized ΔH on an E batch; over the seeds the errors against the
 exact values must be centred (within 4 SE of their mean) and the reported SEs must match their
-spread. The last test is the regression test of the audit's finding: single-batch SNIS on the
-batch's own responses lies above the exact change on fresh prompts, two-batch does not.
+spread. The regression test of the audit's finding (single-batch SNIS on the batch's own
+responses lies above the exact change on fresh prompts, two-batch does not) runs in a variant
+of the world where the excess is large: see test_single_batch_snis_lies_above_the_fresh_prompt_
+change_and_two_batch_does_not.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import pytest
 import torch
 
 from exact_world import (PROMPT_POOL, SIX_TOKEN_WORLD, all_responses, flat_grad, load_policy,
-                         response_moments, sampled_rollouts, set_flat)
+                         pool_moments, response_logprobs, response_moments, sampled_rollouts,
+                         set_flat, without_momentum_or_decay)
 from probe_core.checkpoint import ModelCache
 from probe_core.probe import run_probe
 from probe_core.spec import (CheckpointSpec, EntropyBatchSpec, EntropySpec, GenerationSpec,
@@ -31,9 +34,10 @@ G_U, MAX_NEW = 6, 3
 B_U = 8
 E_SEQUENCES = 64          # B_E·G_E, the same for every G_E
 LR = 0.02                 # first order holds: the calibration studies
-COMPARE_LR = 0.05         # a larger step, for a change on fresh prompts well above the noise
-SEEDS = int(os.environ.get("TWO_BATCH_SEEDS", 40))
-COMPARE_SEEDS = 24
+SEEDS = int(os.environ.get("TWO_BATCH_SEEDS", "40"))
+# the regression test of the audit's finding (its own world: see its docstring)
+NOVELTY_LR = 0.01
+NOVELTY_SEEDS = int(os.environ.get("TWO_BATCH_NOVELTY_SEEDS", "64"))
 
 
 @dataclass
@@ -56,9 +60,11 @@ class Pool:
         """(H_n, E_n[T]) at θ for every pool prompt, [40] each, exactly."""
         with torch.no_grad():
             set_flat(self.params, theta)
-            h, t = _moments(self.model, self.tok)
-            set_flat(self.params, self.theta)
-        return torch.stack(h), torch.stack(t)
+            try:
+                return pool_moments(self.model, [self.tok.encode(p) for p in POOL],
+                                    all_responses(6, self.tok.eos_token_id, MAX_NEW))
+            finally:
+                set_flat(self.params, self.theta)
 
 
 def _moments(model, tok):
@@ -81,16 +87,19 @@ def exact_first_order(pool: Pool, idx: list[int], normalization: str, delta) -> 
     return float((gh - h / t * (pool.grad_t[idx].mean(0) @ delta)) / t)
 
 
-def exact_change(pool: Pool, idx: list[int], normalization: str, delta) -> float:
-    h1, t1 = pool.moments_at(pool.theta + delta)
+def exact_change(pool: Pool, idx: list[int], normalization: str,
+                 after: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """H_set(θ⁺) − H_set(θ) for the prompts idx, from the pool's moments at θ⁺ (`after`)."""
+    h1, t1 = after
     return float(entropy_of(normalization, h1[idx], t1[idx])
                  - entropy_of(normalization, pool.h[idx], pool.t[idx]))
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory) -> Pool:
-    root = tmp_path_factory.mktemp("two_batch")
-    base, adapter = write_tiny_checkpoint(str(root), WORLD)
+def _build_pool(root: str, prepare=None) -> Pool:
+    """The 6-token world's checkpoint under root, prepare(adapter dir) applied, and its pool."""
+    base, adapter = write_tiny_checkpoint(root, WORLD)
+    if prepare is not None:
+        prepare(adapter)
     model, tok, params = load_policy(base, adapter)
     hs, ts = _moments(model, tok)
     grad_h = torch.stack([flat_grad(h, params) for h in hs])
@@ -100,20 +109,29 @@ def pool(tmp_path_factory) -> Pool:
                 torch.stack(ts).detach(), grad_h, grad_t, ModelCache())
 
 
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Pool:
+    return _build_pool(str(tmp_path_factory.mktemp("two_batch")))
+
+
 def _draw(seed: int, n: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(len(POOL), (n,), generator=gen).tolist()
 
 
 def _run(pool: Pool, seed: int, g_e: int | None, kind=("token_mean", "full_vocabulary"),
-         multipliers=(1.0,), lr: float = LR):
-    """One probe: U batch of B_U pool prompts (sampled rollouts, reward = 'a' in the response),
-    with an E batch of E_SEQUENCES/g_e other draws from the pool when g_e is set. Returns
-    (outcome, U prompt indices, E prompt indices)."""
-    u_idx, e_idx = _draw(2 * seed, B_U), _draw(2 * seed + 1, E_SEQUENCES // (g_e or 1))
+         multipliers=(1.0,), lr: float = LR, reward=None, e_sequences: int = E_SEQUENCES):
+    """One probe: U batch of B_U pool prompts (sampled rollouts; reward(pool index, response
+    token ids), by default 1 when 'a' is in the response), with an E batch of e_sequences/g_e
+    other draws from the pool when g_e is set. Returns (outcome, U prompt indices, E prompt
+    indices)."""
+    u_idx, e_idx = _draw(2 * seed, B_U), _draw(2 * seed + 1, e_sequences // (g_e or 1))
     a_id = pool.tok.convert_tokens_to_ids("a")
+    reward = reward or (lambda k, r: float(a_id in r))
     rollouts = sampled_rollouts(pool.model, pool.tok, [POOL[i] for i in u_idx], G_U, MAX_NEW,
-                                seed=seed, reward_fn=lambda r: float(a_id in r))
+                                seed=seed, reward_fn=lambda r: 0.0)
+    for k, rollout in zip(u_idx, rollouts):
+        rollout.rewards = [reward(k, r) for r in rollout.responses]
     spec = ProbeSpec(
         checkpoint=CheckpointSpec(pool.base, pool.adapter), rollouts=rollouts,
         reward_kind="provided", responses_per_prompt=G_U,
@@ -143,7 +161,8 @@ def test_two_batch_matches_exact_held_out_change_and_its_se_is_calibrated(pool, 
         _, est = r.main
         pool_first = exact_first_order(pool, list(range(len(POOL))), norm, delta)
         rows.append((d.total - exact_first, d.se, d.total - pool_first,
-                     est.delta_h - exact_change(pool, e_idx, norm, delta), est.se,
+                     est.delta_h - exact_change(pool, e_idx, norm,
+                                                pool.moments_at(pool.theta + delta)), est.se,
                      r.h_before - exact_h, d.se_unconditional, exact_first))
         assert d.u_statistic is None and out.mode == "two_batch"
         assert out.units == E_SEQUENCES // g_e
@@ -169,41 +188,100 @@ def test_two_batch_matches_exact_held_out_change_and_its_se_is_calibrated(pool, 
         assert abs(float(exact.mean())) > 4 * float(err.std()) / math.sqrt(SEEDS)
 
 
-def test_two_batch_measures_the_held_out_change_where_single_batch_measures_in_sample(pool):
-    """The audit's comparison at B = 8 with prompts drawn independently, on the same U step:
-    the two-batch ΔH (SNIS on held-out responses) and δH₁ are centred on the exact change of
-    the E prompts. The single-batch realized ΔH is compared with the exact change on fresh
-    prompts (the pool's) and its excess is printed: in this 6-token world it is below what 24
-    seeds resolve (the closing note of issue 14 gives the numbers), so it is reported, not
-    asserted."""
-    rows = []
-    for seed in range(COMPARE_SEEDS):
-        single, u_idx, _ = _run(pool, seed, None, lr=COMPARE_LR)
-        double, _, e_idx = _run(pool, seed, 1, lr=COMPARE_LR)
+@dataclass
+class NoveltyWorld:
+    """The 6-token world with a novelty reward and a momentum-free step (see the test)."""
+
+    pool: Pool
+    surprisal: dict[tuple[int, tuple[int, ...]], float]   # −log π_θ(r|p_k), every (k, r)
+
+    def reward(self, k: int, response: list[int]) -> float:
+        """1 for a response rarer than typical under the checkpoint: −log π(r|p_k) > H_k."""
+        return float(self.surprisal[k, tuple(response)] > float(self.pool.h[k]))
+
+
+@pytest.fixture(scope="module")
+def novelty(tmp_path_factory) -> NoveltyWorld:
+    pool = _build_pool(str(tmp_path_factory.mktemp("novelty")), without_momentum_or_decay)
+    responses = all_responses(6, pool.tok.eos_token_id, MAX_NEW)
+    surprisal = {}
+    with torch.no_grad():
+        for k, prompt in enumerate(POOL):
+            s = response_logprobs(pool.model, pool.tok.encode(prompt), responses)     # [R]
+            surprisal.update({(k, tuple(r)): -float(v) for r, v in zip(responses, s)})
+    return NoveltyWorld(pool, surprisal)
+
+
+def _mean_se(x: torch.Tensor) -> str:
+    return f"{float(x.mean()):+.4f} ± {float(x.std()) / math.sqrt(x.numel()):.4f}"
+
+
+def test_single_batch_snis_lies_above_the_fresh_prompt_change_and_two_batch_does_not(novelty):
+    """The audit's finding at B = 8, G = 6, with prompts drawn independently from the pool.
+
+    The self-prompt excess is a prompt's own gradient acting on its own entropy (the same-unit
+    term the U-statistic drops). It stands out where a prompt's step moves mostly that prompt
+    and the step is the gradient term. Here the reward is prompt-specific, a novelty reward:
+    1 for a response rarer than typical under the checkpoint (−log π(r|p) > H_p), so each
+    prompt's update flattens its own distribution; and the step is the preconditioned gradient
+    alone (the checkpoint's AdamW state, next step with β1 = 0 and no weight decay, lr 0.01).
+    In the default world (reward 'a' in the response, momentum) the excess is below what the
+    seeds resolve (the closing note of issue 14).
+
+    The fresh-prompt change is T_pop = H(θ⁺) − H(θ) over the whole pool: a fresh prompt is an
+    independent draw from the pool (it may equal a batch prompt), as the U batch's prompts are.
+    It is what the U-statistic's δH₁ and, since their prompts are drawn the same way, both
+    two-batch numbers estimate on average. Per seed the U batch takes one step Δθ (the same in
+    both modes); single-batch SNIS measures ΔH on the U batch's own responses, two-batch δH₁
+    and SNIS on 48 held-out sequences (G_E = 1: as many sequences as the U batch); every target
+    is exact, by enumeration, along that Δθ.
+    """
+    pool, rows = novelty.pool, []
+    everyone = list(range(len(POOL)))
+    for seed in range(NOVELTY_SEEDS):
+        single, u_idx, _ = _run(pool, seed, None, lr=NOVELTY_LR, reward=novelty.reward)
+        double, _, e_idx = _run(pool, seed, 1, lr=NOVELTY_LR, reward=novelty.reward,
+                                e_sequences=B_U * G_U)
         delta = single.step.delta
-        torch.testing.assert_close(double.step.delta, delta)     # the same step from U
-        everyone = list(range(len(POOL)))
-        fresh = exact_change(pool, everyone, "token_mean", delta)       # T_pop
-        rows.append((single.realized.main[1].delta_h - fresh,
-                     double.realized.main[1].delta_h - exact_change(pool, e_idx, "token_mean",
-                                                                    delta),
-                     single.delta_h1.total - exact_first_order(pool, everyone, "token_mean",
-                                                               delta),
-                     double.delta_h1.total - exact_first_order(pool, e_idx, "token_mean",
-                                                               delta),
-                     fresh))
-    single_excess, double_err, single_d1, double_d1, fresh = (
-        torch.tensor(c, dtype=torch.float64) for c in zip(*rows))
-    root = COMPARE_SEEDS ** .5
-    print(f"\nT_pop {float(fresh.mean()):+.4f}; single-batch SNIS excess "
-          f"{float(single_excess.mean()):+.4f} ± {float(single_excess.std()) / root:.4f};"
-          f" two-batch ΔH error {float(double_err.mean()):+.4f} ± "
-          f"{float(double_err.std()) / root:.4f}; SD of δH₁ error single "
-          f"{float(single_d1.std()):.4e} two-batch {float(double_d1.std()):.4e}")
-    assert abs(_z_of_mean(double_err)) < 4
-    assert abs(_z_of_mean(double_d1)) < 4
-    # the comparison has power: both two-batch errors are small next to the change itself
-    assert float(double_err.std()) / root < 0.25 * abs(float(fresh.mean()))
+        torch.testing.assert_close(double.step.delta, delta)      # the same step from U
+        after = pool.moments_at(pool.theta + delta)
+        fresh = exact_change(pool, everyone, "token_mean", after)            # T_pop
+        fresh_first = exact_first_order(pool, everyone, "token_mean", delta)  # ∇H_pool·Δθ
+        in_batch = exact_change(pool, u_idx, "token_mean", after)           # T_batch
+        held_out = exact_change(pool, e_idx, "token_mean", after)
+        s_dh, d_dh = single.realized.main[1].delta_h, double.realized.main[1].delta_h
+        rows.append((fresh, fresh_first, s_dh - fresh, in_batch - fresh, s_dh - in_batch,
+                     single.delta_h1.total - fresh, single.delta_h1.total - fresh_first,
+                     double.delta_h1.total - exact_first_order(pool, e_idx, "token_mean", delta),
+                     d_dh - held_out, double.delta_h1.total - fresh_first, d_dh - fresh,
+                     single.realized.main[1].ess_fraction, double.realized.main[1].ess_fraction))
+    (fresh, fresh_first, excess, self_prompt, same_response, s_d1, s_d1_first, d_d1, d_dh,
+     d_d1_fresh, d_dh_fresh, s_ess, d_ess) = (torch.tensor(c, dtype=torch.float64)
+                                               for c in zip(*rows))
+    sd_ratio = float(d_d1_fresh.std() / s_d1_first.std())
+    print(f"\nnovelty world, B={B_U} G={G_U} lr={NOVELTY_LR}, {NOVELTY_SEEDS} seeds (mean ± SE):"
+          f"\n  exact fresh-prompt change T_pop {_mean_se(fresh)} (first order "
+          f"{_mean_se(fresh_first)})"
+          f"\n  single-batch SNIS − T_pop {_mean_se(excess)} (z {_z_of_mean(excess):+.1f}) ="
+          f" self-prompt T_batch − T_pop {_mean_se(self_prompt)} + same-response SNIS −"
+          f" T_batch {_mean_se(same_response)}; ESS fraction {float(s_ess.mean()):.2f}"
+          f"\n  single-batch δH₁ − T_pop {_mean_se(s_d1)}, − ∇H_pool·Δθ {_mean_se(s_d1_first)}"
+          f"\n  two-batch δH₁ − ∇H_E·Δθ {_mean_se(d_d1)}, − ∇H_pool·Δθ {_mean_se(d_d1_fresh)}"
+          f"\n  two-batch SNIS − exact held-out change {_mean_se(d_dh)}, − T_pop "
+          f"{_mean_se(d_dh_fresh)}; ESS fraction {float(d_ess.mean()):.2f}"
+          f"\n  SD of δH₁'s error against ∇H_pool·Δθ at {B_U * G_U} sequences: two-batch "
+          f"{float(d_d1_fresh.std()):.4f}, single-batch {float(s_d1_first.std()):.4f}, "
+          f"ratio {sd_ratio:.2f}")
+    # the finding: single-batch SNIS lies above the change on fresh prompts
+    assert _z_of_mean(excess) > 3
+    # two-batch does not: both numbers are centred on the held-out prompts' exact change, and
+    # (their prompts being fresh draws) on the fresh-prompt change
+    for err in (d_d1, d_dh, d_d1_fresh, d_dh_fresh):
+        assert abs(_z_of_mean(err)) < 4
+    # power: an excess half the single-batch one would put the two-batch SNIS 4 SE off
+    se_double = float(d_dh_fresh.std()) / math.sqrt(NOVELTY_SEEDS)
+    assert float(excess.mean()) > 8 * se_double
+    assert sd_ratio < 1
 
 
 def test_a_two_batch_request_maps_onto_a_valid_result(pool):

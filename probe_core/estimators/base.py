@@ -47,6 +47,11 @@ class UnitLayout:
         """The prompt weight of every sequence, float64 [B·G]."""
         return self.prompt_weight.repeat_interleave(self.group_size)
 
+    def subset(self, units: range) -> UnitLayout:
+        """The layout of some of the units (a shard's): prompt and sequence indices stay the
+        batch's."""
+        return UnitLayout([self.prompts[u] for u in units], self.prompt_weight, self.group_size)
+
     def chunks(self, microbatch: int) -> list[list[torch.Tensor]]:
         """Per unit, its sequences in chunks of ≤ microbatch; a chunk never spans two units,
         so every chunk's gradient belongs to exactly one unit."""
