@@ -236,7 +236,6 @@ class ProbeRequest(_Strict):
         "starts the job (queue time does not count); past it the job stops at the next chunk "
         "boundary and fails with deadline_exceeded. Default and ceiling: the server's "
         "ENTROPY_PROBE_MAX_JOB_SECONDS (unset: no deadline).")
-
     workers: int = Field(
         1, ge=1, le=MAX_WORKERS, description="Shard the job's units over this many workers of "
         "the server's pool (at most its size, else a 422). Responses and numbers do not depend "

@@ -100,7 +100,8 @@ class Metrics:
         for w in workers:
             lab = labels(w.index, w.device)
             self.worker_up.labels(**lab).set(int(w.state in ("idle", "busy")))
-            self.restarts.labels(**lab)           # a worker that never restarted reads 0
+            for counter in (self.restarts, self.base_loads, self.base_reuses):
+                counter.labels(**lab)             # a worker that never did it reads 0
             for state in WORKER_STATES:
                 self.worker_state.labels(**lab, state=state).set(int(w.state == state))
         return generate_latest(self.registry)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from faults import FAULT_SEED
-from helpers import (finished, medium_request, pool_server, quick_request, readyz_workers,
+from helpers import (finished, medium_request, metric, pool_server, quick_request, readyz_workers,
                      slow_request, submit, wait_running)
 from probe_core.errors import DeadlineExceeded, ProbeCancelled
 from probe_core.probe import PHASES
@@ -40,7 +40,6 @@ pytestmark = pytest.mark.timeout(300)
 SKIPPED = {
     "timing",           # wall-clock seconds
     "memory",           # rank 0's process: its peak RSS and trace
-    "passes",           # sequences through each pass kind: rank 0 counts its own shard's
     "environment",      # environment.workers is k by design
     "log_weight_noise_floor",   # max |S − S'| under another chunking: rounding-level noise,
                                 # and the chunks of a shard are not those of the whole batch
@@ -215,6 +214,12 @@ def result_of(server, body: dict, workers: int) -> dict:
     return job.model_dump(mode="json")["result"]
 
 
+def base_uses(server, index: int) -> float:
+    """Jobs or shards worker `index` ran (each loads its base model or reuses it)."""
+    return sum(metric(server, f"entropy_probe_base_model_{kind}_total", worker=str(index))
+               for kind in ("loads", "reuses"))
+
+
 def idle_again(server, n: int = 2, timeout: float = 60.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -228,7 +233,11 @@ def idle_again(server, n: int = 2, timeout: float = 60.0) -> list[dict]:
 @pytest.mark.parametrize("make", [five_rollouts, sampled], ids=["rollouts", "sampled"])
 def test_two_workers_give_the_one_worker_result(pool, tiny_checkpoint, make):
     body = make(tiny_checkpoint)
-    one, two = result_of(pool, body, 1), result_of(pool, body, 2)
+    one = result_of(pool, body, 1)
+    before = [base_uses(pool, i) for i in (0, 1)]
+    two = result_of(pool, body, 2)
+    idle_again(pool)                              # rank 1 may report after rank 0's result
+    assert [base_uses(pool, i) - b for i, b in zip((0, 1), before)] == [1, 1]    # both ran
     assert one["environment"]["workers"] == 1 and two["environment"]["workers"] == 2
     assert one["batch"] == two["batch"]           # the same responses (sampled: per prompt)
     assert count_floats(one) > 40
