@@ -226,7 +226,7 @@ def test_single_batch_snis_lies_above_the_fresh_prompt_change_and_two_batch_does
     prompt's update flattens its own distribution; and the step is the preconditioned gradient
     alone (the checkpoint's AdamW state, next step with β1 = 0 and no weight decay, lr 0.01).
     In the default world (reward 'a' in the response, momentum) the excess is below what the
-    seeds resolve (the closing note of issue 14).
+    seeds resolve (docs/method.md gives the numbers).
 
     The fresh-prompt change is T_pop = H(θ⁺) − H(θ) over the whole pool: a fresh prompt is an
     independent draw from the pool (it may equal a batch prompt), as the U batch's prompts are.
@@ -272,8 +272,10 @@ def test_single_batch_snis_lies_above_the_fresh_prompt_change_and_two_batch_does
           f"\n  SD of δH₁'s error against ∇H_pool·Δθ at {B_U * G_U} sequences: two-batch "
           f"{float(d_d1_fresh.std()):.4f}, single-batch {float(s_d1_first.std()):.4f}, "
           f"ratio {sd_ratio:.2f}")
-    # the finding: single-batch SNIS lies above the change on fresh prompts
+    # the finding: single-batch SNIS lies above the change on fresh prompts, and the exact
+    # change on the batch's own prompts already does (the self-prompt term)
     assert _z_of_mean(excess) > 3
+    assert _z_of_mean(self_prompt) > 3
     # two-batch does not: both numbers are centred on the held-out prompts' exact change, and
     # (their prompts being fresh draws) on the fresh-prompt change
     for err in (d_d1, d_dh, d_d1_fresh, d_dh_fresh):
