@@ -1,15 +1,18 @@
-"""Throughput of a worker pool: jobs per minute with 1 and 2 workers, side by side, in one run.
+"""Scale-out: jobs per minute with 1 and 2 workers, and the latency of one job with `workers: 2`
+against `workers: 1`, side by side, in one run.
 
 Two `entropy-probe serve` run side by side, ENTROPY_PROBE_DEVICES=cpu and cpu,cpu, one torch
 thread per worker (ENTROPY_PROBE_CPU_THREADS=1). In each round, J jobs (the benchmark model of
 bench/common.py, random client rollouts) are submitted at once to one server and timed from the
 first submit to the last finish, then the same to the other; rounds alternate so that a change
-in the host's load hits both. A warm-up job per worker loads the base before the clock starts.
+in the host's load hits both. Then, on the 2-worker server, one job alone with `workers: 1` and
+the same job with `workers: 2` (its units sharded over both), timed from submit to finish, in
+alternating order. A warm-up job per worker loads the base before the clock starts.
 
     python -m bench.scale [--jobs 8] [--prompts 16] [--rounds 3] [--backend local|ray|both]
 
-On a machine with fewer free cores than workers the ratio measures the contention, not the
-pool: the output prints the cores beside it.
+On a machine with fewer free cores than workers the ratios measure the contention, not the
+pool: the output prints the cores and the load average beside them.
 """
 
 from __future__ import annotations
@@ -89,13 +92,20 @@ class Server:
         self.proc.wait(60)
 
 
-def measure(backend: str, base: str, adapter: str, args) -> dict[int, list[float]]:
-    """Jobs per minute of 1 and 2 workers, args.rounds times each, the two servers alternating
-    (so a change in the host's load hits both alike)."""
-    rates: dict[int, list[float]] = {1: [], 2: []}
+@dataclasses.dataclass
+class Figures:
+    rates: dict[int, list[float]]           # pool size → jobs per minute, per round
+    latency: dict[int, list[float]]         # request workers → seconds of one job, per round
+
+
+def measure(backend: str, base: str, adapter: str, args) -> Figures:
+    """Jobs per minute of 1 and 2 workers, and one job's latency with workers 1 and 2 on the
+    2-worker server, args.rounds times each, alternating (so a change in the host's load hits
+    both alike)."""
+    fig = Figures({1: [], 2: []}, {1: [], 2: []})
     with tempfile.TemporaryDirectory() as state:
         roots = os.path.dirname(os.path.dirname(base))
-        servers = {n: Server(n, backend, roots, os.path.join(state, str(n))) for n in rates}
+        servers = {n: Server(n, backend, roots, os.path.join(state, str(n))) for n in fig.rates}
         try:
             for n, server in servers.items():        # every worker loads the base once
                 server.run([job_body(base, adapter, args, 1000 + i) for i in range(n)])
@@ -103,11 +113,14 @@ def measure(backend: str, base: str, adapter: str, args) -> dict[int, list[float
                 for n, server in servers.items():
                     bodies = [job_body(base, adapter, args, r * args.jobs + i)
                               for i in range(args.jobs)]
-                    rates[n].append(60.0 * args.jobs / server.run(bodies))
+                    fig.rates[n].append(60.0 * args.jobs / server.run(bodies))
+                one_job = job_body(base, adapter, args, 2000 + r)
+                for k in ((1, 2) if r % 2 == 0 else (2, 1)):
+                    fig.latency[k].append(servers[2].run([{**one_job, "workers": k}]))
         finally:
             for server in servers.values():
                 server.stop()
-    return rates
+    return fig
 
 
 def main() -> None:
@@ -124,15 +137,22 @@ def main() -> None:
     print(f"{args.jobs} jobs of {args.prompts} prompts x {args.group} client responses (<= "
           f"{args.tokens} tokens), {model}; CPU workers, 1 thread each; {os.cpu_count()} cores "
           f"on this host, load average {os.getloadavg()[0]:.1f} at the start")
-    print(f"jobs per minute, median of {args.rounds} alternating rounds (each round's ratio in "
-          "brackets)")
-    print(f"{'backend':8} {'1 worker':>14} {'2 workers':>14} {'ratio':>7}")
+    print(f"medians of {args.rounds} alternating rounds (each round's ratio in brackets)")
+    print(f"{'backend':8} {'':26} {'1 worker':>14} {'2 workers':>14} {'ratio':>7}")
     for backend in backends:
-        rates = measure(backend, base, adapter, args)
-        one, two = statistics.median(rates[1]), statistics.median(rates[2])
-        rounds = " ".join(f"{b / a:.2f}" for a, b in zip(rates[1], rates[2]))
-        print(f"{backend:8} {one:9.2f} j/min {two:9.2f} j/min {two / one:6.2f}x  [{rounds}]"
-              f"  load average {os.getloadavg()[0]:.1f}")
+        fig = measure(backend, base, adapter, args)
+        row(backend, "jobs per minute, pool of", fig.rates, "j/min", higher=True)
+        row(backend, "one job's latency, workers:", fig.latency, "s", higher=False)
+
+
+def row(backend: str, what: str, values: dict[int, list[float]], unit: str, higher: bool
+        ) -> None:
+    """One line: the medians for 1 and 2, and 2's speed-up over 1 (>1: 2 is better)."""
+    one, two = statistics.median(values[1]), statistics.median(values[2])
+    speedup = (lambda a, b: b / a) if higher else (lambda a, b: a / b)
+    rounds = " ".join(f"{speedup(a, b):.2f}" for a, b in zip(values[1], values[2]))
+    print(f"{backend:8} {what:26} {one:9.2f} {unit:5} {two:9.2f} {unit:5} "
+          f"{speedup(one, two):6.2f}x  [{rounds}]  load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

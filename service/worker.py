@@ -135,8 +135,9 @@ def scrub(message: str) -> str:
     return _PATH.sub("<path>", first)[:200]
 
 
-# (hooks, request) → the hooks a job runs with; tests wrap them to inject faults.
-HooksWrapper = Callable[["ProbeHooks", "ProbeRequest"], "ProbeHooks"]
+# (hooks, request, the shard's rank) → the hooks a job runs with; tests wrap them to inject
+# faults.
+HooksWrapper = Callable[["ProbeHooks", "ProbeRequest", int], "ProbeHooks"]
 
 
 def main(cfg: WorkerConfig, jobs, events, cancel_id, wrap_hooks: HooksWrapper | None = None
@@ -210,7 +211,7 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
         spec = to_spec(req, host_budget_bytes=cfg.host_budget_bytes)
         hooks = ProbeHooks(progress, should_cancel, deadline)
         if wrap_hooks is not None:
-            hooks = wrap_hooks(hooks, req)
+            hooks = wrap_hooks(hooks, req, job.rank)
         collective = None
         if job.size > 1:
             from service.shard import QueueCollective

@@ -3,7 +3,8 @@
 A fault `kind:phase` acts when a probe enters `phase` (its first progress call there):
 `oom` raises the CUDA out-of-memory error torch raises, `hang` sleeps past any deadline without
 reaching a chunk boundary. In a server it applies only to jobs whose seed is FAULT_SEED, so the
-other jobs of the same server run normally.
+other jobs of the same server run normally; `kind:phase@r` only to shard r of such a job
+(request `workers` ≥ 2), the other shards run normally.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ def fault_hooks(fault: str, hooks: ProbeHooks | None = None) -> ProbeHooks:
     return ProbeHooks(progress, hooks.should_cancel, hooks.deadline)
 
 
-def _wrap(fault: str, hooks: ProbeHooks, request) -> ProbeHooks:
-    return fault_hooks(fault, hooks) if request.seed == FAULT_SEED else hooks
+def _wrap(fault: str, hooks: ProbeHooks, request, rank: int = 0) -> ProbeHooks:
+    fault, _, only = fault.partition("@")
+    hit = request.seed == FAULT_SEED and (not only or int(only) == rank)
+    return fault_hooks(fault, hooks) if hit else hooks
 
 
 def worker_main(fault: str, *args) -> None:
