@@ -59,7 +59,8 @@ class Metrics:
         self.worker_state = Gauge(p + "worker_state", "1 for the worker's current state.",
                                   [*WORKER_LABELS, "state"], registry=r)
         self.duration = Histogram(p + "job_duration_seconds", "Wall time of jobs from start to "
-                                  "end, by the worker that ran them and how they ended.",
+                                  "end, by the worker that ran them (rank 0 of a job over "
+                                  "several) and how they ended.",
                                   [*WORKER_LABELS, "status"], buckets=DURATION_BUCKETS_S,
                                   registry=r)
         for attr, (kind, name, help_) in PER_WORKER.items():

@@ -4,6 +4,7 @@
 - a `workers: 2` job equals the `workers: 1` job: client rollouts, every number of the result
   within rel 1e-5 (same_numbers says which fields are skipped and why); sampled prompts, the
   same responses (identical batch summary) and the same numbers;
+- the queue is strict FIFO: a `workers: 2` job is not passed by 1-worker jobs queued after it;
 - `workers: 3` on a pool of 2 is a 422 naming the pool size;
 - SIGKILL of one shard's worker fails the job with worker_crashed naming it, the other shard
   stops, and the next job succeeds;
@@ -244,6 +245,20 @@ def test_two_workers_give_the_one_worker_result(pool, tiny_checkpoint, make):
     assert one["batch"] == two["batch"]           # the same responses (sampled: per prompt)
     assert count_floats(one) > 40
     assert same_numbers(one, two) == []
+
+
+def test_a_two_worker_job_is_not_passed_by_later_one_worker_jobs(pool, tiny_checkpoint):
+    """Strict FIFO: while one worker runs A, B (workers: 2) waits at the head of the queue, and
+    C (workers: 1), queued after B, waits behind it although a worker is idle."""
+    idle_again(pool)
+    a = submit(pool, medium_request(tiny_checkpoint, seed=5))
+    wait_running(pool, a)
+    b = submit(pool, quick_request(tiny_checkpoint, seed=6, workers=2))
+    c = submit(pool, quick_request(tiny_checkpoint, seed=7))
+    ja, jb, jc = (finished(pool, i) for i in (a, b, c))
+    assert all(j.status == JobStatus.succeeded for j in (ja, jb, jc))
+    assert jb.started_at >= ja.finished_at           # B needed both workers
+    assert jc.started_at >= jb.started_at            # C did not pass B
 
 
 def test_more_workers_than_the_pool_is_a_422(pool, tiny_checkpoint):
