@@ -143,6 +143,9 @@ class WorkerProcess:
         self.stopped = False
 
     def send(self, msg) -> None:
+        if isinstance(msg, w.Exchanged):        # raises here, not in the queue's thread
+            from service.shard import share_tensors
+            share_tensors(msg.value)
         self.jobs.put(msg)
 
     def poll(self) -> list:

@@ -13,16 +13,33 @@ optimizer state: every shard computes D, Δθ and the estimates itself from the 
 
 from __future__ import annotations
 
+import multiprocessing.queues
 import os
 import queue
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from probe_core.collective import Op, combine
-from probe_core.errors import DeadlineExceeded, ProbeCancelled, ProbeError
+from probe_core.errors import DeadlineExceeded, ProbeCancelled, ProbeError, ProbeOutOfMemory
 from service import worker as w
 
 WAIT_POLL_S = 0.1           # how often a waiting shard checks cancel, deadline and its parent
+
+
+SHM_HINT = ("local workers exchange the P-vector sums through shared memory (/dev/shm): give "
+            "the container more (docker --shm-size) or ask for fewer workers")
+
+
+def share_tensors(value) -> None:
+    """Move the tensors of a `sum` exchange to shared memory now. A multiprocessing queue would
+    do it in its feeder thread, where a full /dev/shm only prints an error and loses the
+    message; here it raises RuntimeError, and the job fails instead of waiting forever."""
+    if isinstance(value, dict):
+        for t in value.values():
+            if isinstance(t, torch.Tensor):
+                t.share_memory_()
 
 
 class ShardAborted(ProbeError):
@@ -40,9 +57,16 @@ class QueueCollective:
         self._jobs, self._events, self._cancel_id = jobs, events, cancel_id
         self._parent, self._deadline = parent, deadline
         self._seq = 0
+        self._through_shm = isinstance(events, multiprocessing.queues.Queue)  # not Ray's
 
     def exchange(self, op: Op, value):
         self._seq += 1
+        if self._through_shm:
+            try:
+                share_tensors(value)
+            except RuntimeError as exc:
+                raise ProbeOutOfMemory(f"could not share this shard's sums: "
+                                       f"{w.scrub(str(exc))}; {SHM_HINT}") from exc
         self._events.put(w.Exchange(self.job_id, self.rank, self._seq, op, value))
         while True:
             self._check()

@@ -32,7 +32,7 @@ from schemas import ErrorCode, JobStatus, ProbeRequest, ProbeResult
 from service import worker as w
 from service.metrics import Metrics
 from service.pool import Backend, WorkerHandle, base_model_of
-from service.shard import ExchangeMismatch, Hub
+from service.shard import SHM_HINT, ExchangeMismatch, Hub
 from service.store import JobStore
 
 log = logging.getLogger("entropy_probe.supervisor")
@@ -258,13 +258,21 @@ class Supervisor:
             log.error("job %s: %s", run.id, exc)
             self.store.fail(run.id, ErrorCode.internal_error, "the shards of this job disagreed "
                             "on an exchange; the server log has details", run.phases[msg.rank])
-            self._end(run, slot, JobStatus.failed, abort=f"another shard failed: {exc}")
+            self._end(run, JobStatus.failed, abort=f"another shard failed: {exc}")
             return
-        if complete:
+        if not complete:
+            return
+        try:
             for i in run.slots:
                 handle = self.slots[i].handle
                 if handle is not None and i in run.pending:
                     handle.send(w.Exchanged(run.id, msg.seq, answer))
+        except RuntimeError as exc:                 # /dev/shm full (service/shard.py)
+            log.error("job %s: exchange %d not sent: %s", run.id, msg.seq, exc)
+            self.store.fail(run.id, ErrorCode.out_of_memory, f"the server could not pass an "
+                            f"exchange to the shards ({w.scrub(str(exc))}); {SHM_HINT}",
+                            run.phases[0])
+            self._end(run, JobStatus.failed, abort="the server could not pass an exchange")
 
     def _reported(self, run: Run, slot: Slot, msg: w.JobDone | w.JobFailed) -> None:
         """A shard ended: its slot frees; the job ends with rank 0's result or the first
@@ -282,7 +290,7 @@ class Supervisor:
                     abort = None
                     if isinstance(msg, w.JobFailed):
                         abort = f"{slot.name} (rank {rank}) failed: {msg.code}"
-                    self._end(run, slot, status, abort=abort)
+                    self._end(run, status, abort=abort, reported=slot)
         finally:
             slot.base_model = msg.base_model
             self._release(run, slot)
@@ -305,15 +313,17 @@ class Supervisor:
                                 result.memory.peak_device_bytes)
         return JobStatus.succeeded
 
-    def _end(self, run: Run, slot: Slot, status: JobStatus, abort: str | None = None) -> None:
-        """The job's status is recorded; with `abort`, the shards still running stop now."""
+    def _end(self, run: Run, status: JobStatus, abort: str | None = None,
+             reported: Slot | None = None) -> None:
+        """The job's status is recorded; with `abort`, its shards still running (all but the
+        one that `reported`) stop now."""
         first = self.slots[run.slots[0]]
         self.metrics.job_ended(first.index, first.device, status, time.time() - run.started)
         run.ended_at = time.time()
         if abort is None:
             return
         run.aborted = True
-        for i in run.pending - {slot.index}:
+        for i in run.pending - {reported.index if reported else None}:
             other = self.slots[i]
             if other.handle is not None:
                 other.handle.cancel(run.id)
@@ -343,7 +353,7 @@ class Supervisor:
                     run.id, ErrorCode.worker_crashed,
                     f"{name} died while running this job ({reason}); a new worker was started: "
                     "resubmit the job (SIGKILL often means the host ran out of memory)", phase)
-            self._end(run, slot, JobStatus.failed, abort=f"{name} died")
+            self._end(run, JobStatus.failed, abort=f"{name} died", reported=slot)
         if run is not None:
             self._release(run, slot)
         slot.handle, slot.ready, slot.job, slot.base_model = None, None, None, None

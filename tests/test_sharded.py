@@ -29,7 +29,7 @@ import torch
 from faults import FAULT_SEED
 from helpers import (finished, medium_request, metric, pool_server, quick_request, readyz_workers,
                      slow_request, submit, wait_running)
-from probe_core.errors import DeadlineExceeded, ProbeCancelled
+from probe_core.errors import DeadlineExceeded, ProbeCancelled, ProbeOutOfMemory
 from probe_core.probe import PHASES
 from schemas import ErrorCode, JobStatus
 from service import worker as w
@@ -165,6 +165,25 @@ def test_a_waiting_shard_stops_on_abort_cancel_deadline():
     with pytest.raises(ProbeCancelled, match="shutting down"):
         members[0].exchange("gather", 1)
     assert jobs.get_nowait() is None
+
+
+def test_a_full_dev_shm_fails_the_shard_instead_of_losing_its_sums(monkeypatch):
+    """Local workers: the sums go through /dev/shm. Full, it must raise in the shard (the queue's
+    feeder thread would only print it, and the peers would wait forever)."""
+    import multiprocessing as mp
+
+    def full(self):
+        raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
+
+    events = mp.get_context("spawn").Queue()
+    member = QueueCollective(w.Job("j", "{}", rank=0, size=2), queue.Queue(), events, _Flag(),
+                             os.getppid(), None)
+    monkeypatch.setattr(torch.Tensor, "share_memory_", full)
+    with pytest.raises(ProbeOutOfMemory, match="shm-size"):
+        member.exchange("sum", {"x": torch.zeros(3)})
+    with pytest.raises(queue.Empty):
+        events.get(timeout=0.2)                 # nothing half-sent
+    events.close()
 
 
 def test_the_hub_refuses_shards_that_disagree():
