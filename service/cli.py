@@ -98,6 +98,9 @@ def cmd_run(args) -> int:
     from service.summary import progress_line, summarize
     from service.supervisor import Deadlines
 
+    if req.workers > 1:
+        print(f"entropy-probe run: workers={req.workers} is for a server's pool; this runs the "
+              "whole job in one process", file=sys.stderr)
     seconds = Deadlines(settings.max_job_seconds).of(req.timeout_s)
     hooks = ProbeHooks(progress=progress_line,
                        deadline=None if seconds is None else time.monotonic() + seconds)
