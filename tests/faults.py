@@ -4,7 +4,8 @@ A fault `kind:phase` acts when a probe enters `phase` (its first progress call t
 `oom` raises the CUDA out-of-memory error torch raises, `hang` sleeps past any deadline without
 reaching a chunk boundary. In a server it applies only to jobs whose seed is FAULT_SEED, so the
 other jobs of the same server run normally; `kind:phase@r` only to shard r of such a job
-(request `workers` ≥ 2), the other shards run normally.
+(request `workers` ≥ 2: the other shards run normally), and to every shard of a job whose seed
+is EVERY_SHARD_SEED.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from probe_core.probe import ProbeHooks
 
 FAULT_SEED = 424242
+EVERY_SHARD_SEED = FAULT_SEED + 1
 HANG_S = 3600.0
 
 
@@ -40,7 +42,8 @@ def fault_hooks(fault: str, hooks: ProbeHooks | None = None) -> ProbeHooks:
 
 def _wrap(fault: str, hooks: ProbeHooks, request, rank: int = 0) -> ProbeHooks:
     fault, _, only = fault.partition("@")
-    hit = request.seed == FAULT_SEED and (not only or int(only) == rank)
+    hit = (request.seed == FAULT_SEED and (not only or int(only) == rank)
+           or bool(only) and request.seed == EVERY_SHARD_SEED)
     return fault_hooks(fault, hooks) if hit else hooks
 
 

@@ -11,7 +11,8 @@
 - cancel reaches every shard: the job is cancelled and both workers are idle again;
 - a deadline reaches every shard: deadline_exceeded, stopped by themselves; a shard waiting on
   an exchange for a peer that reaches no chunk boundary stops at its deadline, and the stuck peer
-  is killed a grace period after the job ended and replaced.
+  is killed a grace period after the job ended and replaced; shards that all reach no boundary
+  are all killed a grace period past the deadline and replaced.
 """
 
 from __future__ import annotations
@@ -26,16 +27,16 @@ import time
 import pytest
 import torch
 
-from faults import FAULT_SEED
-from helpers import (finished, medium_request, metric, pool_server, quick_request, readyz_workers,
-                     slow_request, submit, wait_running)
+from faults import EVERY_SHARD_SEED, FAULT_SEED
+from helpers import (READY_TIMEOUT_S, finished, medium_request, metric, pool_server,
+                     quick_request, readyz_workers, slow_request, submit, wait_running)
 from probe_core.errors import DeadlineExceeded, ProbeCancelled, ProbeOutOfMemory
 from probe_core.probe import PHASES
 from schemas import ErrorCode, JobStatus
 from service import worker as w
 from service.shard import ExchangeMismatch, Hub, QueueCollective, ShardAborted
 
-GRACE_S = 10.0          # as tests/test_deadline.py: on a loaded CPU a chunk can take seconds
+GRACE_S = 5.0           # one torch thread per worker: a chunk of these tiny jobs is ~0.1 s
 pytestmark = pytest.mark.timeout(300)
 
 # Parts of a result that legitimately differ between k = 1 and k = 2:
@@ -202,7 +203,8 @@ def test_the_hub_refuses_shards_that_disagree():
 @pytest.fixture(scope="module", params=["local", "ray"])
 def pool(request, tmp_path_factory, tiny_checkpoint):
     """Two CPU workers (processes, then Ray actors); in jobs with seed 424242 shard 1 hangs in
-    the gradients phase (tests/faults.py); other jobs and shards run normally."""
+    the gradients phase, with seed 424243 every shard does (tests/faults.py); other jobs and
+    shards run normally."""
     if request.param == "ray":
         pytest.importorskip("ray", reason="the 'ray' extra is not installed")
     server = pool_server(tmp_path_factory.mktemp(f"sharded-{request.param}"),
@@ -329,12 +331,26 @@ def test_a_deadline_reaches_every_shard(pool, tiny_checkpoint):
 def test_a_shard_waiting_on_a_stuck_peer_stops_at_its_deadline(pool, tiny_checkpoint):
     listed = idle_again(pool)
     t0 = time.monotonic()
+    # long enough for rank 0 to reach its first exchange (after its gradients) on a busy CPU
     job = finished(pool, submit(pool, quick_request(tiny_checkpoint, seed=FAULT_SEED,
-                                                    timeout_s=2.0, workers=2)))
+                                                    timeout_s=5.0, workers=2)))
     assert job.status == JobStatus.failed and job.error.code == ErrorCode.deadline_exceeded
     assert job.error.phase == "gradients" and "next chunk boundary" in job.error.message
-    assert time.monotonic() - t0 < 2.0 + GRACE_S        # rank 0 did not wait for the kill
+    assert time.monotonic() - t0 < 5.0 + GRACE_S        # rank 0 did not wait for the kill
     stuck = listed[1]["pid"]                            # rank 1: the second idle worker
     after = pool.wait_workers(2, not_pid=stuck)         # killed a grace period later, replaced
     assert listed[0]["pid"] in after
     assert result_of(pool, quick_request(tiny_checkpoint, seed=4), 2)["delta_h1"]["units"] == 4
+
+
+def test_shards_that_all_reach_no_boundary_are_all_killed(pool, tiny_checkpoint):
+    pids = {x["pid"] for x in idle_again(pool)}
+    job = finished(pool, submit(pool, quick_request(tiny_checkpoint, seed=EVERY_SHARD_SEED,
+                                                    timeout_s=1.0, workers=2)))
+    assert job.status == JobStatus.failed and job.error.code == ErrorCode.deadline_exceeded
+    assert job.error.phase == "gradients" and "killed" in job.error.message
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not pids.isdisjoint(pool.wait_workers(2)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pids.isdisjoint(pool.wait_workers(2))                  # both replaced
+    assert result_of(pool, quick_request(tiny_checkpoint, seed=8), 2)["delta_h1"]["units"] == 4
