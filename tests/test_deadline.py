@@ -69,8 +69,11 @@ def test_a_job_past_its_deadline_stops_at_a_chunk_boundary(module_server, tiny_c
     with module_server.client() as client:           # the base is loaded: the next load is short
         client.wait(client.submit(quick_request(tiny_checkpoint, seed=2)), JOB_TIMEOUT_S,
                     poll=0.1)
-    body = {**slow_request(tiny_checkpoint), "responses_per_prompt": 4, "timeout_s": 0.5}
-    r = module_server.http.post("/probes", json=body)        # 4 sequences per generate()
+    # 4 sequences of <= 8 tokens per generate(): chunks stay short even when the two threads
+    # fight other processes for the cores (48-token chunks took ~5 s each then)
+    body = {**slow_request(tiny_checkpoint), "responses_per_prompt": 4, "timeout_s": 0.5,
+            "generation": {"max_new_tokens": 8, "batch_size": 4}}
+    r = module_server.http.post("/probes", json=body)
     job = finished(module_server, r.json()["id"])
     assert job.status == JobStatus.failed and job.error.code == ErrorCode.deadline_exceeded
     assert job.error.phase in PHASES
