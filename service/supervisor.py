@@ -101,17 +101,18 @@ class Run:
     slots: list[int]
     deadline_s: float | None
     started: float = field(default_factory=time.time)
-    phases: list[str] = field(default_factory=list)     # each shard's phase
     overdue: bool = False           # killed past its deadline's grace
     ended_at: float | None = None   # its status was recorded
     aborted: bool = False           # ended by a shard's failure: the others were told to stop
-    pending: set[int] = field(default_factory=set)      # slots whose shard has not reported
-    killed: set[int] = field(default_factory=set)
+    phases: list[str] = field(init=False)       # each shard's phase, by rank
+    pending: set[int] = field(init=False)       # slots whose shard has not reported
+    killed: set[int] = field(init=False, default_factory=set)
+    hub: Hub = field(init=False)
 
     def __post_init__(self) -> None:
-        self.hub = Hub(len(self.slots))
-        self.phases = self.phases or ["starting"] * len(self.slots)
+        self.phases = ["starting"] * len(self.slots)
         self.pending = set(self.slots)
+        self.hub = Hub(len(self.slots))
 
     @property
     def phase(self) -> str:
@@ -257,7 +258,8 @@ class Supervisor:
         except ExchangeMismatch as exc:
             log.error("job %s: %s", run.id, exc)
             self.store.fail(run.id, ErrorCode.internal_error, "the shards of this job disagreed "
-                            "on an exchange; the server log has details", run.phases[msg.rank])
+                            "on an exchange; the server log has details",
+                            run.phases[run.rank(slot.index)])
             self._end(run, JobStatus.failed, abort=f"another shard failed: {exc}")
             return
         if not complete:

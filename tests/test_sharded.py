@@ -198,6 +198,114 @@ def test_the_hub_refuses_shards_that_disagree():
     assert hub.pending == {}
 
 
+# -- the supervisor's routing, with handles that record what they are sent -----------------------
+
+class _Recorder:
+    """A worker handle that only records: the test plays the worker's messages."""
+
+    def __init__(self, pid: int):
+        self.inbox: list = [w.Ready(pid, "cpu", 1)]
+        self.sent: list = []
+        self.flag = ""
+
+    def send(self, msg) -> None:
+        self.sent.append(msg)
+
+    def poll(self) -> list:
+        out, self.inbox = self.inbox, []
+        return out
+
+    def cancel(self, job_id: str) -> None:
+        self.flag = job_id
+
+    def alive(self) -> bool:
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        pass
+
+
+@pytest.fixture
+def routed(tmp_path, tiny_checkpoint):
+    """A Supervisor over two recording handles, stepped by hand (its thread never starts)."""
+    from probe_core.spec import RuntimeOptions
+    from schemas import ProbeRequest
+    from service.metrics import Metrics
+    from service.pool import Backend
+    from service.store import JobStore
+    from service.supervisor import Supervisor
+
+    cfg = w.WorkerConfig(RuntimeOptions(device="cpu"), 1 << 20)
+    handles = [_Recorder(100), _Recorder(101)]
+    store = JobStore(tmp_path / "state", durable=False)
+    sup = Supervisor(store, Backend("test", [("cpu", cfg)] * 2, lambda i, _c: handles[i]),
+                     Metrics())
+    for slot in sup.slots:
+        slot.handle = sup.spawn(slot.index, slot.cfg)
+
+    def submit_job(**extra) -> str:
+        req = ProbeRequest.model_validate(quick_request(tiny_checkpoint, **extra))
+        return store.create(req, None, 10)[0].id
+
+    sup._step()                                 # both Ready
+    yield sup, handles, store, submit_job
+    store.close()
+
+
+def _jobs(handle: _Recorder) -> list[w.Job]:
+    return [m for m in handle.sent if isinstance(m, w.Job)]
+
+
+def test_the_supervisor_routes_exchanges_and_aborts_on_a_shard_failure(routed):
+    sup, (h0, h1), store, submit_job = routed
+    job_id = submit_job(workers=2)
+    sup._step()
+    assert [(j.rank, j.size) for j in _jobs(h0) + _jobs(h1)] == [(0, 2), (1, 2)]
+    h1.inbox.append(w.Exchange(job_id, 1, 1, "sum", {"x": torch.ones(2, dtype=torch.float64)}))
+    sup._step()
+    assert not [m for m in h0.sent + h1.sent if isinstance(m, w.Exchanged)]   # waits for rank 0
+    h0.inbox.append(w.Exchange(job_id, 0, 1, "sum", {"x": torch.ones(2, dtype=torch.float64)}))
+    sup._step()
+    for h in (h0, h1):
+        (answer,) = [m for m in h.sent if isinstance(m, w.Exchanged)]
+        assert answer.seq == 1 and torch.equal(answer.value["x"], torch.full((2,), 2.0,
+                                                                            dtype=torch.float64))
+    h1.inbox.append(w.JobFailed(job_id, "out_of_memory", "rank 1 ran out", "gradients"))
+    sup._step()
+    job = store.get(job_id)
+    assert job.status == JobStatus.failed and job.error.code == ErrorCode.out_of_memory
+    assert job.error.message == "rank 1 ran out"
+    assert [m.reason for m in h0.sent if isinstance(m, w.Abort)] == [
+        "worker 1 (cpu, pid 101) (rank 1) failed: out_of_memory"]
+    assert h0.flag == job_id                                   # and its cancel flag
+    assert [s.state for s in sup.slots] == ["busy", "idle"]     # rank 0 has not reported yet
+    h0.inbox.append(w.JobFailed(job_id, "internal_error", "stopped: aborted", "gradients"))
+    sup._step()
+    assert [s.state for s in sup.slots] == ["idle", "idle"] and sup.runs == {}
+    assert store.get(job_id).error.code == ErrorCode.out_of_memory   # the first failure
+
+
+def test_the_supervisor_fails_a_job_whose_shards_disagree(routed):
+    sup, (h0, h1), store, submit_job = routed
+    job_id = submit_job(workers=2)
+    sup._step()
+    h0.inbox.append(w.Exchange(job_id, 0, 1, "gather", "a"))
+    h1.inbox.append(w.Exchange(job_id, 1, 1, "sum", {"x": torch.zeros(1)}))
+    sup._step()
+    job = store.get(job_id)
+    assert job.status == JobStatus.failed and job.error.code == ErrorCode.internal_error
+    assert all(any(isinstance(m, w.Abort) for m in h.sent) for h in (h0, h1))   # both stop
+
+
+def test_a_job_queued_for_a_larger_pool_fails_instead_of_blocking_the_queue(routed):
+    sup, (h0, h1), store, submit_job = routed
+    big, small = submit_job(workers=3), submit_job()
+    sup._step()
+    assert store.get(big).status == JobStatus.failed
+    assert "pool holds 2 workers" in store.get(big).error.message
+    assert [j.id for j in _jobs(h0)] == [small]
+
+
 # -- a real server with two workers ------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=["local", "ray"])
