@@ -13,6 +13,7 @@ optimizer state: every shard computes D, Δθ and the estimates itself from the 
 
 from __future__ import annotations
 
+import copy
 import multiprocessing.queues
 import os
 import queue
@@ -62,12 +63,22 @@ class QueueCollective:
     def exchange(self, op: Op, value):
         self._seq += 1
         if self._through_shm:
+            # torch sends a tensor through a multiprocessing queue as its shared memory: the
+            # hub and every rank would map the same storage, and one rank's in-place update
+            # would change the others' numbers. What crosses is a copy nobody else holds, and
+            # what arrives is copied before use (as ThreadGroup's answers are).
+            value = copy.deepcopy(value)
             try:
                 share_tensors(value)
             except RuntimeError as exc:
                 raise ProbeOutOfMemory(f"could not share this shard's sums: "
                                        f"{w.scrub(str(exc))}; {SHM_HINT}") from exc
         self._events.put(w.Exchange(self.job_id, self.rank, self._seq, op, value))
+        answer = self._wait()
+        return copy.deepcopy(answer) if self._through_shm else answer
+
+    def _wait(self):
+        """The Exchanged of this exchange (raises when the shard must stop instead)."""
         while True:
             self._check()
             try:
