@@ -351,6 +351,18 @@ def two_batch(ck: tuple[str, str]) -> dict:
     return body
 
 
+def batch_level(ck: tuple[str, str]) -> dict:
+    """five_rollouts with the objective's batch-level pieces (batch-standardized advantages,
+    the token_mean length norm's T_tot, the entropy bonus), the sampled entropy per sequence
+    and two lr multipliers."""
+    body = five_rollouts(ck)
+    body.update(objective={"advantage": "batch_standardized", "length_norm": "token_mean",
+                           "entropy_coef": 0.01},
+                entropy={"normalization": "sequence", "estimator": "sampled"},
+                realized={"lr_multipliers": [1.0, 0.5]})
+    return body
+
+
 def result_of(server, body: dict, workers: int) -> dict:
     job = finished(server, submit(server, {**body, "workers": workers}))
     assert job.status == JobStatus.succeeded, job.error
@@ -373,8 +385,8 @@ def idle_again(server, n: int = 2, timeout: float = 60.0) -> list[dict]:
     raise AssertionError(f"workers not idle: {readyz_workers(server)}")
 
 
-@pytest.mark.parametrize("make", [five_rollouts, sampled, two_batch],
-                         ids=["rollouts", "sampled", "two_batch"])
+@pytest.mark.parametrize("make", [five_rollouts, sampled, two_batch, batch_level],
+                         ids=["rollouts", "sampled", "two_batch", "batch_level"])
 def test_two_workers_give_the_one_worker_result(pool, tiny_checkpoint, make):
     body = make(tiny_checkpoint)
     one = result_of(pool, body, 1)
