@@ -8,8 +8,9 @@ Protocol (picklable dataclasses over multiprocessing queues, or a Ray actor's se
 A job over k workers (request `workers: k`) is k Jobs, one per rank, that run the same run_probe
 (SPMD, probe_core/collective.py). Each shard's exchanges go to the server as Exchange messages;
 the server answers each with Exchanged once all k ranks made it (service/shard.py). Rank 0's
-JobDone carries the result; the others send an empty one. Abort (another shard failed, or the
-job was cancelled) makes a waiting shard fail at once so the worker takes the next job.
+JobDone carries the result; the others send an empty one. Abort (another shard failed or died)
+makes a waiting shard fail at once so the worker takes the next job; cancel and the deadline are
+checked while it waits too.
 Cancel: the server writes the running job's id into a shared byte array; the worker polls it at
 every chunk boundary (ProbeHooks.should_cancel). Deadline: Job.deadline_s, counted from when the
 worker takes the job, checked at the same boundaries (ProbeHooks.deadline).
