@@ -35,7 +35,10 @@ __all__ = ["Collective", "Op", "SOLO", "Solo", "ThreadGroup", "combine", "shard_
 
 
 class Collective(Protocol):
-    """A shard's view of its job's group. `exchange` blocks until every rank made it."""
+    """A shard's view of its job's group. `exchange` blocks until every rank made it, and
+    returns the rank its own copy of the answer: probe_core updates some answers in place
+    (EntropyScalars.entropy_vector), so ranks must never share one storage (as torch's
+    multiprocessing queues would by default: service/shard.py sends copies)."""
 
     rank: int
     size: int

@@ -210,8 +210,11 @@ class _Probe:
                 "Lower memory.teacher_force_microbatch_size (or generation.batch_size during "
                 "rollouts) and resubmit.", phase=self.phase, trace=trace) from exc
         except Exception as exc:
-            if getattr(exc, "phase", "unset") is None:
-                exc.phase = self.phase
+            if getattr(exc, "phase", "unset") is None:   # raised outside a phase's own checks
+                exc.phase = self.phase                    # (e.g. while a shard waited on its
+                if isinstance(exc, DeadlineExceeded) and not exc.trace:   # peers' exchange)
+                    self.tracer.mark(self.phase)
+                    exc.trace = list(self.tracer.trace)
             raise
         outcome.timing["total"] = time.perf_counter() - t_start
         return outcome

@@ -13,7 +13,7 @@ import pytest
 
 from probe_core.checkpoint import ModelCache
 from probe_core.collective import ThreadGroup, combine, shard_units
-from probe_core.errors import ProbeCancelled
+from probe_core.errors import DeadlineExceeded, ProbeCancelled
 from probe_core.probe import ProbeHooks, run_probe
 from probe_core.spec import (CheckpointSpec, ClientRollout, EntropyBatchSpec, EntropySpec,
                              EstimatorSpec, GenerationSpec, ObjectiveSpec, ProbeSpec,
@@ -187,3 +187,29 @@ def test_a_failing_shard_stops_the_job_without_hanging(ckpt, caches, tokenizer):
     # the caches are still usable: the next job on them succeeds and equals one shard's
     again = _sharded(spec, caches, 2)
     assert_same_result(run_probe(spec, cache=caches[0]), again, spec)
+
+
+class _ExpiresInExchange:
+    """One shard whose k-th exchange ends at the deadline (as a shard waiting on a slow peer
+    does in the service: service/shard.QueueCollective raises with no phase)."""
+
+    rank, size = 0, 1
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def exchange(self, op, value):
+        self.calls += 1
+        if self.calls == self.at:
+            raise DeadlineExceeded("the job ran past its deadline")
+        return combine(op, [value]) if op == "gather" else value
+
+
+def test_a_deadline_in_an_exchange_gets_the_phase_and_memory_trace(ckpt, caches, tokenizer):
+    spec = _spec(ckpt, rollouts=_rollouts(tokenizer), reward_kind="provided",
+                 trace_memory=True)
+    with pytest.raises(DeadlineExceeded) as err:
+        run_probe(spec, cache=caches[0], collective=_ExpiresInExchange(at=1))
+    assert err.value.phase == "gradients"          # the first exchange: the gradients' reduce
+    assert [p.phase for p in err.value.trace] == ["load", "rollouts", "teacher_forcing",
+                                                  "gradients"]
