@@ -223,7 +223,7 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
         result = to_result(outcome, spec.checkpoint, workers=job.size)
         return JobDone(job.id, result.model_dump_json(), outcome.base_reused)
     except ProbeError as exc:
-        message = (deadline_message(job.deadline_s, exc.phase)
+        message = (deadline_message(job.deadline_s, exc.phase, shards=job.size)
                    if isinstance(exc, DeadlineExceeded) else exc.message)
         if cfg.remote and exc.code == "checkpoint_not_found":
             from service.ray_backend import SHARED_STORAGE_HINT
@@ -238,9 +238,11 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
                          getattr(exc, "phase", None) or last["phase"])
 
 
-def deadline_message(seconds: float | None, phase: str | None, killed: bool = False) -> str:
+def deadline_message(seconds: float | None, phase: str | None, killed: bool = False,
+                     shards: int = 1) -> str:
     how = ("and reached no chunk boundary within the grace period: its worker was killed and "
-           "replaced" if killed else "and stopped at the next chunk boundary")
+           "replaced" if killed else "and stopped at the next chunk boundary" + (
+               " (or while waiting on the job's other shards)" if shards > 1 else ""))
     return (f"the job ran past its deadline of {seconds:g} s during {phase} {how}; raise "
             "timeout_s (at most the server's ENTROPY_PROBE_MAX_JOB_SECONDS) or send a smaller "
             "batch")

@@ -467,7 +467,8 @@ def test_a_shard_waiting_on_a_stuck_peer_stops_at_its_deadline(pool, tiny_checkp
     job = finished(pool, submit(pool, quick_request(tiny_checkpoint, seed=FAULT_SEED,
                                                     timeout_s=5.0, workers=2)))
     assert job.status == JobStatus.failed and job.error.code == ErrorCode.deadline_exceeded
-    assert job.error.phase == "gradients" and "next chunk boundary" in job.error.message
+    assert job.error.phase == "gradients"
+    assert "waiting on the job's other shards" in job.error.message
     assert time.monotonic() - t0 < 5.0 + GRACE_S        # rank 0 did not wait for the kill
     stuck = listed[1]["pid"]                            # rank 1: the second idle worker
     after = pool.wait_workers(2, not_pid=stuck)         # killed a grace period later, replaced
