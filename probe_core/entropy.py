@@ -15,6 +15,8 @@ docs/method.md derives each form.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +61,19 @@ def entropy_to_go(tokens: TokenOutputs) -> torch.Tensor:
     before_row = total.cumsum(0) - total                                  # Σ of earlier rows
     through_k = h.cumsum(0) - before_row[tokens.owner]                    # Σ_{j≤k}, same row
     return total[tokens.owner] - through_k
+
+
+def on_policy_z(stats: SequenceStats) -> float | None:
+    """z of the mean of S + f over the sequences, f = Σ_t h_t their full-vocabulary entropy.
+
+    For a response sampled from π_τ each token's log π_τ + h_t has mean 0 given its prefix, so
+    E[S + f] = 0 and, over independent responses, z is about N(0, 1). Far from 0, the responses
+    were not sampled from this checkpoint's policy at this temperature (another checkpoint,
+    temperature, or top_p/top_k). None with fewer than 2 sequences or no spread."""
+    d = stats.logprob.double() + stats.entropy.double()
+    n = d.numel()
+    sd = float(d.std()) if n >= 2 else 0.0
+    return None if sd == 0.0 else float(d.mean()) / (sd / math.sqrt(n))
 
 
 def sequence_stats(tokens: TokenOutputs, spec: EntropySpec) -> SequenceStats:

@@ -64,6 +64,7 @@ class BatchOutcome:
     mean_response_tokens: float
     reward_mean: float
     zero_advantage_prompts: int
+    on_policy_z: float | None = None    # entropy.on_policy_z; None without full-vocabulary f
 
 
 @dataclass

@@ -36,7 +36,7 @@ import torch
 from probe_core.adamw import AdamWState, AdamWStep, adamw_step
 from probe_core.checkpoint import LoadedCheckpoint, ModelCache, open_checkpoint
 from probe_core.collective import SOLO, Collective, shard_units
-from probe_core.entropy import EntropyScalars, SequenceStats, batch_scalars
+from probe_core.entropy import EntropyScalars, SequenceStats, batch_scalars, on_policy_z
 from probe_core.errors import (CheckpointInvalid, DeadlineExceeded, DegenerateBatch,
                                InvalidRequest, ProbeCancelled, ProbeOutOfMemory)
 from probe_core.estimators import (DeltaH1, Estimator, UnitDots, UnitLayout, UnitMeans,
@@ -79,6 +79,16 @@ SMALL_BATCH_WARNING = (
     "and a same-response term (both shrink as 1/B) and overstates the change on fresh prompts "
     "that delta_h1 targets; pass entropy_batch (held-out prompts) to measure both on the same "
     "thing")
+
+# |z| of entropy.on_policy_z above which client rollouts are called off-policy (on-policy, z is
+# about N(0, 1): a false alarm about once in 1.7 million jobs)
+OFF_POLICY_Z = 5.0
+OFF_POLICY_WARNING = (
+    "the client's rollouts do not look sampled from this checkpoint's policy at temperature "
+    "{t:g}: their mean log-probability {s:.4g} is not minus their mean full-vocabulary entropy "
+    "{f:.4g} (z = {z:.1f} over {n} responses; on-policy the two agree up to noise). delta_h1 "
+    "and realized assume the responses are samples of π_τ: send the temperature (and top_p = 1, "
+    "top_k = 0) they were sampled with, from this checkpoint")
 
 
 @dataclass
@@ -539,7 +549,8 @@ class _Probe:
             num_prompts=b, responses_per_prompt=g,
             mean_response_tokens=float(batch.lengths.double().mean()),
             reward_mean=float(plan.rewards.mean()),
-            zero_advantage_prompts=int((adv == 0).all(1).sum()))
+            zero_advantage_prompts=int((adv == 0).all(1).sum()),
+            on_policy_z=self._on_policy_check(plan, measured.stats))
         for phase in PHASES:
             self.timing.setdefault(phase, 0.0)
         # [U, P] unit vectors are kept for library callers of a one-worker probe only
@@ -565,6 +576,19 @@ class _Probe:
             reward=result.reward, step=step,
             x_bar=result.means.x_bar, y_bar=result.means.y_bar, unit_x=x, unit_y=y,
             sequences=measured.stats)
+
+    def _on_policy_check(self, plan: _Plan, stats: SequenceStats) -> float | None:
+        """entropy.on_policy_z of the main batch (it needs the full-vocabulary f), and a warning
+        when the client's rollouts do not look sampled from this policy."""
+        if plan.summaries.spec.estimator != "full_vocabulary":
+            return None
+        z = on_policy_z(stats)
+        if z is not None and abs(z) > OFF_POLICY_Z and self.spec.rollouts is not None:
+            t = self.spec.generation.temperature
+            self.warnings.append(OFF_POLICY_WARNING.format(
+                s=float(stats.logprob.double().mean()), f=float(stats.entropy.double().mean()),
+                z=z, n=stats.logprob.numel(), t=t))
+        return z
 
     def _job_bookkeeping(self) -> tuple[Passes, list[str]]:
         """The passes of every shard, summed, and their warnings, each once (a job over several

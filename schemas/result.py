@@ -123,6 +123,11 @@ class BatchSummary(_Out):
     mean_response_tokens: float
     reward_mean: float
     zero_advantage_prompts: int
+    on_policy_z: float | None = Field(
+        None, description="z of the mean of log π(response) + its full-vocabulary entropy over "
+        "the responses: about N(0, 1) when they are samples of this checkpoint's policy at this "
+        "temperature; |z| > 5 on client rollouts adds a warning (null with the sampled entropy "
+        "estimator and in two-batch mode, whose main batch has no full-vocabulary entropy).")
 
 
 class Proxies(_Out):

@@ -148,7 +148,8 @@ def _batch(b: BatchOutcome) -> wire.BatchSummary:
                              responses_per_prompt=b.responses_per_prompt,
                              mean_response_tokens=_num(b.mean_response_tokens),
                              reward_mean=_num(b.reward_mean),
-                             zero_advantage_prompts=b.zero_advantage_prompts)
+                             zero_advantage_prompts=b.zero_advantage_prompts,
+                             on_policy_z=None if b.on_policy_z is None else _num(b.on_policy_z))
 
 
 def _timing(seconds: dict[str, float]) -> wire.Timing:
