@@ -27,8 +27,8 @@ def free_port() -> int:
 def demo_request(base: str, adapter: str) -> dict:
     """Client rollouts with provided rewards that vary within each prompt, so the advantages
     (and the gradient term) are non-zero. They are written by hand, not sampled from the tiny
-    policy, so the result shows the off-policy warning (batch.on_policy_z) a user gets when
-    rollouts come from another checkpoint or temperature."""
+    policy; it is close to uniform, so they still look typical of it (batch.on_policy_z about
+    −0.5: no off-policy warning), as they would not under a trained model."""
     rng = random.Random(0)
     rollouts = []
     for prompt in DEMO_PROMPTS:
