@@ -35,6 +35,7 @@ def summarize(r: ProbeResult) -> str:
     lines = [
         f"batch        {r.batch.num_prompts} prompts × {r.batch.responses_per_prompt} responses, "
         f"mean {r.batch.mean_response_tokens:.1f} tokens, reward mean {r.batch.reward_mean:.3f}"
+        + ("" if r.batch.on_policy_z is None else f", on-policy z {r.batch.on_policy_z:+.1f}")
         + held_out,
         f"optimizer    lr {r.optimizer.lr:.2e}, step {r.optimizer.step}, "
         f"grad norm {r.optimizer.grad_norm:.3e}",

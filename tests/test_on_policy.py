@@ -68,6 +68,10 @@ def test_rollouts_from_another_temperature_or_by_hand_warn(world):
     colder = _probe(world, rollouts, temperature=0.5)     # sampled at 1, probed at 0.5
     assert colder.batch.on_policy_z < -OFF_POLICY_Z
     assert any(OFF_POLICY in w and "temperature 0.5" in w for w in colder.warnings)
+    from service.mapping import to_result
+    from service.summary import summarize
+    text = summarize(to_result(colder))
+    assert f"on-policy z {colder.batch.on_policy_z:+.1f}" in text and OFF_POLICY in text
     warmer = _probe(world, rollouts, temperature=3.0)
     assert warmer.batch.on_policy_z > OFF_POLICY_Z        # likelier under π_3 than typical
     tok = world[3]
