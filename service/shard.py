@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import multiprocessing.queues
-import os
 import queue
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 
 from probe_core.collective import Op, combine
 from probe_core.errors import DeadlineExceeded, ProbeCancelled, ProbeError, ProbeOutOfMemory
+from probe_core.probe import ProbeHooks
 from service import worker as w
 
 WAIT_POLL_S = 0.1           # how often a waiting shard checks cancel, deadline and its parent
@@ -49,14 +49,14 @@ class ShardAborted(ProbeError):
 
 
 class QueueCollective:
-    """Rank `job.rank` of `job.size`, talking to the server through the worker's channels."""
+    """Rank `job.rank` of `job.size`, talking to the server through the worker's channels. While
+    it waits it checks what the job's chunk boundaries check: `hooks.should_cancel` (the cancel
+    flag; it exits when the server died) and `hooks.deadline`."""
 
-    def __init__(self, job: w.Job, jobs, events, cancel_id, parent: int,
-                 deadline: float | None):
+    def __init__(self, job: w.Job, jobs, events, hooks: ProbeHooks):
         self.rank, self.size = job.rank, job.size
         self.job_id = job.id
-        self._jobs, self._events, self._cancel_id = jobs, events, cancel_id
-        self._parent, self._deadline = parent, deadline
+        self._jobs, self._events, self._hooks = jobs, events, hooks
         self._seq = 0
         self._through_shm = isinstance(events, multiprocessing.queues.Queue)  # not Ray's
 
@@ -96,11 +96,10 @@ class QueueCollective:
                 return msg.value
 
     def _check(self) -> None:
-        if os.getppid() != self._parent:    # the server died: nobody wants the result
-            raise SystemExit(0)
-        if self._cancel_id.value == self.job_id.encode():
+        hooks = self._hooks
+        if hooks.should_cancel is not None and hooks.should_cancel():
             raise ProbeCancelled("the job was cancelled")
-        if self._deadline is not None and time.monotonic() > self._deadline:
+        if hooks.deadline is not None and time.monotonic() > hooks.deadline:
             raise DeadlineExceeded("the job ran past its deadline")
 
 

@@ -211,12 +211,12 @@ def _run(job: Job, cfg: WorkerConfig, cache, events, cancel_id, parent: int,
         opts = cfg.options
         spec = to_spec(req, host_budget_bytes=cfg.host_budget_bytes)
         hooks = ProbeHooks(progress, should_cancel, deadline)
+        collective = None
+        if job.size > 1:                    # waits check the job's own hooks, not a fault's
+            from service.shard import QueueCollective
+            collective = QueueCollective(job, jobs, events, hooks)
         if wrap_hooks is not None:
             hooks = wrap_hooks(hooks, req, job.rank)
-        collective = None
-        if job.size > 1:
-            from service.shard import QueueCollective
-            collective = QueueCollective(job, jobs, events, cancel_id, parent, deadline)
         outcome = run_probe(spec, opts, cache, hooks, collective)
         if job.rank > 0:                    # rank 0's outcome is the job's result
             return JobDone(job.id, "", outcome.base_reused)

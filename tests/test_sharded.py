@@ -31,7 +31,7 @@ from faults import EVERY_SHARD_SEED, FAULT_SEED
 from helpers import (READY_TIMEOUT_S, finished, medium_request, metric, pool_server,
                      quick_request, readyz_workers, slow_request, submit, wait_running)
 from probe_core.errors import DeadlineExceeded, ProbeCancelled, ProbeOutOfMemory
-from probe_core.probe import PHASES
+from probe_core.probe import PHASES, ProbeHooks
 from schemas import ErrorCode, JobStatus
 from service import worker as w
 from service.shard import ExchangeMismatch, Hub, QueueCollective, ShardAborted
@@ -100,8 +100,9 @@ def _pair(deadline: float | None = None):
     """Two ranks of job j on their own channels, as the worker loop gives them."""
     chans = [(queue.Queue(), queue.Queue()) for _ in range(2)]
     flags = [_Flag(), _Flag()]
-    members = [QueueCollective(w.Job("j", "{}", rank=r, size=2), jobs, events, flags[r],
-                               os.getppid(), deadline) for r, (jobs, events) in enumerate(chans)]
+    members = [QueueCollective(w.Job("j", "{}", rank=r, size=2), jobs, events, ProbeHooks(
+        should_cancel=lambda f=flags[r]: f.value == b"j", deadline=deadline))
+        for r, (jobs, events) in enumerate(chans)]
     return members, chans, flags
 
 
@@ -177,8 +178,8 @@ def test_a_full_dev_shm_fails_the_shard_instead_of_losing_its_sums(monkeypatch):
         raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
 
     events = mp.get_context("spawn").Queue()
-    member = QueueCollective(w.Job("j", "{}", rank=0, size=2), queue.Queue(), events, _Flag(),
-                             os.getppid(), None)
+    member = QueueCollective(w.Job("j", "{}", rank=0, size=2), queue.Queue(), events,
+                             ProbeHooks())
     monkeypatch.setattr(torch.Tensor, "share_memory_", full)
     with pytest.raises(ProbeOutOfMemory, match="shm-size"):
         member.exchange("sum", {"x": torch.zeros(3)})
