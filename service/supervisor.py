@@ -183,11 +183,16 @@ class Supervisor:
             if run is not None:
                 self._cancel_shards(run)
 
-    def _cancel_shards(self, run: Run) -> None:
-        for i in run.pending:
+    def _cancel_shards(self, run: Run, abort: str | None = None, skip: int | None = None
+                       ) -> None:
+        """Flag every shard of the run that has not reported (but slot `skip`) to stop; with
+        `abort`, also wake those waiting on an exchange."""
+        for i in run.pending - {skip}:
             handle = self.slots[i].handle
             if handle is not None:
                 handle.cancel(run.id)
+                if abort is not None:
+                    handle.send(w.Abort(run.id, abort))
 
     # -- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -325,11 +330,7 @@ class Supervisor:
         if abort is None:
             return
         run.aborted = True
-        for i in run.pending - {reported.index if reported else None}:
-            other = self.slots[i]
-            if other.handle is not None:
-                other.handle.cancel(run.id)
-                other.handle.send(w.Abort(run.id, abort))
+        self._cancel_shards(run, abort, skip=reported.index if reported else None)
 
     def _release(self, run: Run, slot: Slot) -> None:
         """`slot`'s shard of `run` is over: the slot takes the next job."""
