@@ -142,8 +142,11 @@ class _Measured:
 
     shard: GradientShard
     total: GradientShard
-    stats: SequenceStats
     scalars: EntropyScalars
+
+    @property
+    def stats(self) -> SequenceStats:
+        return self.total.stats
 
 
 @dataclass
@@ -376,7 +379,7 @@ class _Probe:
                     fold_bonus(vectors, UPDATE, BONUS, plan.bonus_weight)
         total = self._reduce(shard, plan.batch.num_sequences)
         self._finish("gradients")
-        return _Measured(shard=shard, total=total, stats=total.stats,
+        return _Measured(shard=shard, total=total,
                          scalars=batch_scalars(total.stats, plan.summaries.spec))
 
     def _local(self, layout: UnitLayout) -> UnitLayout:
