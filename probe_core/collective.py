@@ -15,8 +15,11 @@ token_mean, update, reward, bonus when the objective has one):
     each sequence's statistics (S, T, f, m, length)                 gather, once
     the K P-vector sums of the shard's units                        sum: K·P float64 each way
     the shard's unit dots (a few numbers per unit)                  gather, once (twice in
-                                                                    two-batch mode)
-    S⁺ (and f⁺) per sequence for each lr multiplier                  gather, per multiplier
+                                                                    two-batch mode, with the
+                                                                    E rows and the U spread)
+    S⁺ (and f⁺) per sequence for each lr multiplier                  sum of the shards' disjoint
+                                                                    rows, per multiplier
+    the pass counts and warnings                                    gather, at the end
 A shard takes a contiguous block of units (`shard_units`), so gathered per-unit values
 concatenate in unit order.
 """

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from probe_core.checkpoint import ModelCache
-from probe_core.collective import ThreadGroup, combine, shard_units
+from probe_core.collective import SOLO, ThreadGroup, combine, shard_units
 from probe_core.errors import DeadlineExceeded, ProbeCancelled
 from probe_core.probe import ProbeHooks, run_probe
 from probe_core.spec import (CheckpointSpec, ClientRollout, EntropyBatchSpec, EntropySpec,
@@ -202,7 +202,7 @@ class _ExpiresInExchange:
         self.calls += 1
         if self.calls == self.at:
             raise DeadlineExceeded("the job ran past its deadline")
-        return combine(op, [value]) if op == "gather" else value
+        return SOLO.exchange(op, value)
 
 
 def test_a_deadline_in_an_exchange_gets_the_phase_and_memory_trace(ckpt, caches, tokenizer):
