@@ -229,8 +229,6 @@ def _generate(model, prompt_ids: list[list[int]], plan: SamplingPlan, config,
         responses += [new[i][mask[i]].tolist() for i in range(new.shape[0])]
         if on_chunk:
             on_chunk(min(start + per_call, len(prompt_ids)), len(prompt_ids))
-    if comm.size == 1:
-        return responses
     return [r for part in comm.exchange("gather", responses) for r in part]
 
 
